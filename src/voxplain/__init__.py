@@ -1,0 +1,18 @@
+"""voxplain: explain what convolutional networks see in 2D and 3D medical images."""
+
+from .display import percentile_normalise, reduce_channels
+from .engine import Engine
+from .explain import DEFAULT_METHODS, Explanation, explain, explain_detailed
+from .methods import Method, available_methods, create_method
+from .methods.gradient import GradientXInput, VanillaGradient
+from .targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "explain", "explain_detailed", "Explanation", "DEFAULT_METHODS",
+    "ClassTarget", "SegmentationTarget", "BratsRegionTarget", "Target",
+    "Engine", "Method", "available_methods", "create_method",
+    "VanillaGradient", "GradientXInput",
+    "reduce_channels", "percentile_normalise",
+]

@@ -1,0 +1,330 @@
+"""The one place that runs the model and autograd.
+
+:class:`Engine` prepares a user's model for explanation (eval mode, parameters
+frozen, moved to the device), evaluates scores and gradients for any number of
+input rows in chunks sized to a batch size or a memory budget, installs hooks
+for one pass only, and always hands the model back as it came: same training
+flags, same ``requires_grad`` flags, same device, no hooks, even if a call raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import GuidedReLU, HookSet, LayerCapture, has_guided_activations
+from .targets import BoundTarget
+
+__all__ = ["Engine", "Gradients", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+# Activations kept for the backward pass plus their gradients, and autograd's
+# temporaries, take a few times the forward outputs' size; measured on conv nets
+# (CPU and CUDA) the peak stays below 3x the summed leaf-module outputs.
+_BACKWARD_OVERHEAD = 3.0
+_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+
+
+def parse_memory(budget: int | float | str) -> int:
+    """Bytes in a memory budget given as a number of bytes or a string like ``"2GB"`` or ``"512 MiB"``."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value = float(budget)
+    elif isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", budget)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"memory_budget must look like '2GB', '512MB' or a number of bytes, got {budget!r}")
+        value = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    else:
+        raise TypeError(f"memory_budget must be a number of bytes or a string like '2GB', got {budget!r}")
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+    return int(value)
+
+
+def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    """The device to run on: the one asked for, else the model's own."""
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+        return dev
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class ModelState:
+    """A snapshot of what explaining may change on a model, and its restoration."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = {m: m.training for m in model.modules()}
+        self.requires_grad = {p: p.requires_grad for p in model.parameters()}
+        self.devices = {t: t.device for t in list(model.parameters()) + list(model.buffers())}
+        self.hook_counts = _hook_counts(model)
+
+    def restore(self) -> None:
+        for m, flag in self.training.items():
+            m.training = flag
+        for p, flag in self.requires_grad.items():
+            p.requires_grad_(flag)
+        if any(t.device != dev for t, dev in self.devices.items()):
+            original = next(iter(self.devices.values()))
+            if all(dev == original for dev in self.devices.values()):
+                self.model.to(original)
+            else:  # a model spread over devices: put each tensor back where it was
+                for t, dev in self.devices.items():
+                    t.data = t.data.to(dev)
+
+
+def _hook_counts(model: nn.Module) -> dict[nn.Module, tuple[int, ...]]:
+    return {m: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()}
+
+
+@dataclass
+class Gradients:
+    """Result of one scored forward/backward over N rows."""
+
+    scores: Tensor  # (N,)
+    inputs: Tensor | None  # dF/dx, (N, C, *spatial)
+    activations: list[Tensor] = field(default_factory=list)  # captured layer outputs
+    layer_gradients: list[Tensor] = field(default_factory=list)  # dF/d(layer output)
+
+    @staticmethod
+    def concat(parts: Sequence["Gradients"]) -> "Gradients":
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return Gradients(
+            scores=torch.cat([p.scores for p in parts]),
+            inputs=None if first.inputs is None else torch.cat([p.inputs for p in parts]),
+            activations=[torch.cat(t) for t in zip(*[p.activations for p in parts])],
+            layer_gradients=[torch.cat(t) for t in zip(*[p.layer_gradients for p in parts])],
+        )
+
+
+@dataclass
+class LayerInfo:
+    """A module seen during a traced forward pass, in execution order."""
+
+    name: str
+    module: nn.Module
+    output_shape: tuple[int, ...] | None  # None when the output is not a tensor
+
+
+class Engine:
+    """Runs a model for explanation methods.
+
+    Args:
+        model: any differentiable ``nn.Module`` taking a (N, C, *spatial) tensor.
+        device: where to compute; default the model's device.
+        batch_size: rows per forward/backward pass; overrides ``memory_budget``.
+        memory_budget: bytes (or ``"2GB"``) that one pass may use; the rows per
+            pass are estimated from the sizes of the model's intermediate outputs.
+        progress: show progress bars for long loops.
+
+    Use it as a context manager (``with Engine(...) as engine:``): entering
+    prepares the model, leaving restores it.
+    """
+
+    def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
+                 memory_budget: int | str | None = None, progress: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.device = resolve_device(device, model)
+        self.batch_size = batch_size
+        self.memory_budget = parse_memory(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET
+        self.progress = progress
+        self._state: ModelState | None = None
+        self._row_bytes: dict[tuple[int, ...], int] = {}
+        self._depth = 0
+
+    # -- model preparation -------------------------------------------------
+    def __enter__(self) -> "Engine":
+        if self._depth == 0:
+            self._state = ModelState(self.model)
+            try:
+                self.model.eval()
+                for p in self.model.parameters():
+                    p.requires_grad_(False)
+                self.model.to(self.device)
+            except BaseException:
+                self._state.restore()
+                self._state = None
+                raise
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._state is not None:
+            self._state.restore()
+            self._state = None
+
+    @contextlib.contextmanager
+    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool = False) -> Iterator[LayerCapture]:
+        hooks = HookSet()
+        capture = LayerCapture(layers)
+        try:
+            if guided:
+                GuidedReLU(self.model).install(hooks)
+            capture.install(hooks)
+            yield capture
+        finally:
+            hooks.remove()
+
+    def _require_prepared(self) -> None:
+        if self._depth == 0:
+            raise RuntimeError("use the Engine inside a `with engine:` block")
+
+    # -- chunking ----------------------------------------------------------
+    def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
+        """How many rows of shape (C, *spatial) one pass may take."""
+        if self.batch_size is not None:
+            return self.batch_size
+        per_row = self._estimate_row_bytes(tuple(row_shape))
+        if not backward:
+            per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
+        return max(1, int(self.memory_budget // per_row))
+
+    def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
+        """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
+        step = self.rows_per_pass(row_shape, backward)
+        for start in range(0, n_rows, step):
+            yield slice(start, min(n_rows, start + step))
+
+    def _estimate_row_bytes(self, row_shape: tuple[int, ...]) -> int:
+        if row_shape not in self._row_bytes:
+            total = 0
+
+            def count(module, inputs, output):
+                nonlocal total
+                if isinstance(output, Tensor):
+                    total += output.numel() * output.element_size()
+
+            hooks = HookSet()
+            try:
+                for m in self.model.modules():
+                    if not any(True for _ in m.children()):
+                        hooks.add(m.register_forward_hook(count))
+                with torch.no_grad():
+                    self.model(torch.zeros((1, *row_shape), device=self.device))
+            finally:
+                hooks.remove()
+            input_bytes = 4 * math.prod(row_shape)
+            # input, its gradient, the path point and an accumulator, plus activations
+            self._row_bytes[row_shape] = int(_BACKWARD_OVERHEAD * total + 4 * input_bytes) + 1
+        return self._row_bytes[row_shape]
+
+    # -- evaluation --------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's output on ``x`` (no gradient), chunked."""
+        self._require_prepared()
+        outs = []
+        with torch.no_grad():
+            for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
+                outs.append(self.model(x[sl].to(self.device)))
+        return torch.cat(outs)
+
+    def scores(self, x: Tensor, target: BoundTarget, sample_index: Tensor) -> Tensor:
+        """Target scores (N,) of rows ``x`` (no gradient), chunked."""
+        self._require_prepared()
+        outs = []
+        with torch.no_grad():
+            for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
+                out = self.model(x[sl].to(self.device))
+                outs.append(target.score(out, sample_index[sl].to(self.device)))
+        return torch.cat(outs)
+
+    def gradients(self, x: Tensor, target: BoundTarget, sample_index: Tensor, *,
+                  layers: Sequence[nn.Module] = (), guided: bool = False,
+                  input_gradient: bool = True) -> Gradients:
+        """Scores and gradients of the target for every row of ``x``, chunked.
+
+        Args:
+            x: rows (N, C, *spatial).
+            target: the bound target that scores each row.
+            sample_index: (N,) the original sample each row derives from.
+            layers: modules whose outputs and output gradients are returned too.
+            guided: use guided backpropagation through ReLU-family modules.
+            input_gradient: also return dF/dx (False when only layers are needed).
+        """
+        self._require_prepared()
+        parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
+                 for sl in self.chunks(x.shape[0], x.shape[1:])]
+        return Gradients.concat(parts)
+
+    def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
+                       layers: Sequence[nn.Module], guided: bool, input_gradient: bool) -> Gradients:
+        # The input always carries the graph: layer gradients need it even when dF/dx is not asked for.
+        x = x.detach().to(self.device).requires_grad_(True)
+        with torch.enable_grad(), self._hooks(layers, guided) as capture:
+            out = self.model(x)
+            scores = target.score(out, sample_index.to(self.device))
+            acts = capture.activations()
+            wrt = ([x] if input_gradient else []) + acts
+            if not scores.requires_grad:
+                _warn_constant_score()
+                grads = [torch.zeros_like(t) for t in wrt]
+            else:
+                grads = list(torch.autograd.grad(scores.sum(), wrt, allow_unused=True))
+                if input_gradient and grads[0] is None:
+                    _warn_constant_score()
+                grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+        input_grad = grads[0] if input_gradient else None
+        return Gradients(scores=scores.detach(), inputs=input_grad,
+                         activations=[a.detach() for a in acts],
+                         layer_gradients=grads[1:] if input_gradient else grads)
+
+    def trace(self, x: Tensor) -> list[LayerInfo]:
+        """Modules in the order they run on ``x`` (one row), with their output shapes."""
+        self._require_prepared()
+        names = {m: n for n, m in self.model.named_modules()}
+        seen: list[LayerInfo] = []
+
+        def record(module, inputs, output):
+            shape = tuple(output.shape) if isinstance(output, Tensor) else None
+            seen.append(LayerInfo(names.get(module, "?"), module, shape))
+
+        hooks = HookSet()
+        try:
+            for m in self.model.modules():
+                if m is not self.model:
+                    hooks.add(m.register_forward_hook(record))
+            with torch.no_grad():
+                self.model(x[:1].to(self.device))
+        finally:
+            hooks.remove()
+        return seen
+
+    def has_guided_activations(self) -> bool:
+        """True if the model has activation modules that guided backpropagation can rewrite."""
+        return has_guided_activations(self.model)
+
+    def progress_bar(self, total: int, desc: str):
+        """A tqdm bar when progress is on, else a silent stand-in with the same ``update``/``close``."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+
+def _warn_constant_score() -> None:
+    warnings.warn(
+        "the explained score does not depend on the input (no gradient path from input to score); "
+        "the attribution is all zeros",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -1,0 +1,110 @@
+"""Hooks the engine installs on a model for one pass, and nothing else does.
+
+Two kinds exist:
+
+* :class:`LayerCapture` keeps a layer's output so that its activation and its
+  gradient can be read after the backward pass (Grad-CAM).
+* :class:`GuidedReLU` changes the backward pass of every ReLU-family module to
+  guided backpropagation (Springenberg et al. 2015): the gradient passes only
+  where it is positive *and* where the forward input was positive.
+
+Both register *tensor* hooks from module forward hooks rather than module
+backward hooks, because module backward hooks break on in-place activations
+("a view ... is being modified inplace").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["GUIDED_ACTIVATIONS", "LayerCapture", "GuidedReLU", "HookSet", "has_guided_activations"]
+
+#: Activation module types whose backward pass guided backpropagation rewrites.
+#: All keep the sign of their input, so the forward output's sign is the input's.
+GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.RReLU,
+)
+
+
+class HookSet:
+    """Handles of hooks installed together; :meth:`remove` is idempotent."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+class LayerCapture:
+    """Records the output of ``layers`` during a forward pass.
+
+    The recorded tensors are the ones in the autograd graph, so gradients with
+    respect to them can be taken. The layer's consumers receive a clone: an
+    in-place operation downstream (``ReLU(inplace=True)``) then cannot overwrite
+    the recorded activation.
+    """
+
+    def __init__(self, layers: Iterable[nn.Module]) -> None:
+        self.layers = list(layers)
+        self.outputs: dict[int, Tensor] = {}
+
+    def install(self, hooks: HookSet) -> None:
+        for i, layer in enumerate(self.layers):
+            hooks.add(layer.register_forward_hook(self._make_hook(i)))
+
+    def _make_hook(self, i: int):
+        def hook(module: nn.Module, inputs, output):
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"cannot capture layer {type(module).__name__}: its output is a "
+                    f"{type(output).__name__}, not a tensor; choose a layer that returns a tensor"
+                )
+            if i in self.outputs:
+                raise RuntimeError(
+                    f"layer {type(module).__name__} ran twice in one forward pass; "
+                    "choose a layer that is used once"
+                )
+            self.outputs[i] = output
+            return output.clone()
+
+        return hook
+
+    def activations(self) -> list[Tensor]:
+        missing = [type(self.layers[i]).__name__ for i in range(len(self.layers)) if i not in self.outputs]
+        if missing:
+            raise RuntimeError(f"layer(s) {missing} did not run in the forward pass")
+        return [self.outputs[i] for i in range(len(self.layers))]
+
+
+class GuidedReLU:
+    """Rewrites the backward pass of ReLU-family modules for guided backpropagation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+
+    def install(self, hooks: HookSet) -> None:
+        for m in self.modules:
+            hooks.add(m.register_forward_hook(_guided_forward_hook))
+
+
+def _guided_forward_hook(module: nn.Module, inputs, output: Tensor) -> None:
+    if not isinstance(output, Tensor) or not output.requires_grad:
+        return
+    # Sign of the output equals the sign of the input for every guided activation;
+    # reading it now (not at backward time) is safe against later in-place edits.
+    positive = output.detach() > 0
+    output.register_hook(lambda grad: grad.clamp(min=0) * positive)
+
+
+def has_guided_activations(model: nn.Module) -> bool:
+    """True if guided backpropagation would change anything in ``model``."""
+    return any(isinstance(m, GUIDED_ACTIVATIONS) for m in model.modules())
+

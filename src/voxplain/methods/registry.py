@@ -1,0 +1,64 @@
+"""The registry of explanation methods: canonical snake_case names to classes."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import Method
+
+__all__ = ["register", "method_class", "create_method", "available_methods", "option_names"]
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type["Method"]:
+    """The class registered under ``name``; a clear error (with suggestions) if there is none."""
+    if not isinstance(name, str):
+        raise TypeError(f"a method is named by a string, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}.{hint} Available methods: {', '.join(available_methods())}"
+        ) from None
+
+
+def option_names(cls: type["Method"]) -> list[str]:
+    """The option names a method class accepts (its keyword arguments)."""
+    params = inspect.signature(cls.__init__).parameters
+    return [p.name for p in params.values()
+            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def create_method(name: str, options: dict[str, Any] | None = None) -> "Method":
+    """Instantiate the method ``name`` with ``options``; unknown option names are errors."""
+    cls = method_class(name)
+    options = dict(options or {})
+    valid = option_names(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {name!r}; valid options: {valid or 'none'}"
+        )
+    return cls(**options)
