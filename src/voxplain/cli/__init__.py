@@ -1,0 +1,59 @@
+"""The `voxplain` command: thin subcommands over the library, no logic of their own.
+
+Each subcommand lives in its own module exposing ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Errors a user can fix
+(bad input, missing file) end the program with exit code 2 and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+__all__ = ["main", "SUBCOMMANDS", "UserError"]
+
+#: subcommand name -> module (relative to this package), in the order shown by --help
+SUBCOMMANDS: dict[str, str] = {
+}
+
+
+class UserError(Exception):
+    """An error caused by the command's input; printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxplain",
+        description="Explain what convolutional networks see in 2D and 3D medical images.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f".{module_name}", __name__)
+        p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
+                           epilog=getattr(module, "EXAMPLES", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``voxplain`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 1
+    if getattr(args, "quiet", False):
+        warnings.simplefilter("ignore")
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("voxplain: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, TypeError, IndexError, FileNotFoundError, RuntimeError, OSError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        print(f"voxplain {args.command}: error: {reason}", file=sys.stderr)
+        return 2
