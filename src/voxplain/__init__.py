@@ -5,6 +5,11 @@ from .engine import Engine
 from .explain import DEFAULT_METHODS, Explanation, explain, explain_detailed
 from .methods import Method, available_methods, create_method
 from .methods.gradient import GradientXInput, VanillaGradient
+from .methods.gradcam import GradCAM, GuidedGradCAM, gradcam_per_layer
+from .methods.guided_backprop import GuidedBackprop
+from .methods.guided_ig import GuidedIG
+from .methods.integrated_gradients import IntegratedGradients
+from .methods.smoothgrad import SmoothGrad, SmoothGradIG
 from .targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target
 
 __version__ = "0.1.0"
@@ -14,5 +19,7 @@ __all__ = [
     "ClassTarget", "SegmentationTarget", "BratsRegionTarget", "Target",
     "Engine", "Method", "available_methods", "create_method",
     "VanillaGradient", "GradientXInput",
+    "GuidedBackprop", "GradCAM", "GuidedGradCAM", "gradcam_per_layer",
+    "IntegratedGradients", "GuidedIG", "SmoothGrad", "SmoothGradIG",
     "reduce_channels", "percentile_normalise",
 ]

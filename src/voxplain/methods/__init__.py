@@ -5,5 +5,10 @@ from .registry import available_methods, create_method, method_class, option_nam
 
 # Importing a family module registers its methods.
 from . import gradient  # noqa: E402,F401
+from . import guided_backprop  # noqa: E402,F401
+from . import gradcam  # noqa: E402,F401
+from . import integrated_gradients  # noqa: E402,F401
+from . import guided_ig  # noqa: E402,F401
+from . import smoothgrad  # noqa: E402,F401
 
 __all__ = ["Method", "Run", "available_methods", "create_method", "method_class", "option_names", "register"]

@@ -1,0 +1,125 @@
+"""SmoothGrad (Smilkov et al. 2017) over any other method, with PAIR saliency's semantics.
+
+The map is the mean over ``samples`` noisy copies x + N(0, sigma^2) of a base
+method's map (of its square with ``magnitude=True``), where
+sigma = noise_level * (max(x) - min(x)) per sample, as PAIR's ``GetSmoothedMask``.
+The noisy copies are handed to the base method as the rows of one derived run,
+so the engine batches them (in pieces sized to its memory budget).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import Engine
+from .base import Method, Run
+from .integrated_gradients import check_steps
+from .registry import create_method, register
+
+__all__ = ["SmoothGrad", "SmoothGradIG"]
+
+
+@register
+class SmoothGrad(Method):
+    """Average of a base method's maps over noisy copies of the input.
+
+    Args:
+        base: the method to smooth: a registered name (default ``"vanilla_gradient"``)
+            or a :class:`Method` instance.
+        base_options: options of the base method when it is given by name (checked
+            like any method's options).
+        samples: number of noisy copies per input sample.
+        noise_level: noise standard deviation as a fraction of each sample's value
+            range, max(x) - min(x); 0 returns the base method's map itself.
+        magnitude: average the squared maps instead of the maps.
+
+    The noise is drawn on the CPU from the run's seed, one copy at a time, so a
+    seed gives the same maps on any device and for any batch size.
+    """
+
+    name = "smoothgrad"
+
+    def __init__(self, base: str | Method = "vanilla_gradient", base_options: dict[str, Any] | None = None,
+                 samples: int = 25, noise_level: float = 0.15, magnitude: bool = False):
+        if isinstance(base, Method):
+            if base_options:
+                raise ValueError("base_options are only used with a base given by name; "
+                                 "configure the base Method instance directly")
+            self.base = base
+        elif isinstance(base, str):
+            if base_options is not None and not isinstance(base_options, dict):
+                raise TypeError(f"base_options must be a dict of the base method's options, "
+                                f"got {type(base_options).__name__}")
+            self.base = create_method(base, base_options)
+        else:
+            raise TypeError(f"base must be a method name or a Method instance, got {type(base).__name__}")
+        self.base_options = dict(base_options) if base_options else None
+        self.samples = check_steps(samples, "samples")
+        if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real) \
+                or not math.isfinite(noise_level) or noise_level < 0:
+            raise ValueError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+        self.noise_level = float(noise_level)
+        if not isinstance(magnitude, bool):
+            raise TypeError(f"magnitude must be True or False, got {magnitude!r}")
+        self.magnitude = magnitude
+        # A single-channel base (Grad-CAM) makes a single-channel smoothed map.
+        self.single_channel = self.base.single_channel
+
+    def layers(self, engine: Engine, x: Tensor) -> list[nn.Module]:
+        return self.base.layers(engine, x)
+
+    def attribute(self, run: Run) -> Tensor:
+        if self.noise_level == 0:
+            result = self.base.attribute(run)
+            return result * result if self.magnitude else result
+        x = run.x
+        n, row_shape = x.shape[0], tuple(x.shape[1:])
+        flat = x.flatten(1)
+        sigma = self.noise_level * (flat.amax(dim=1) - flat.amin(dim=1))  # (N,)
+        generator = run.generator(self.name)
+        total_rows = n * self.samples
+        total: Tensor | None = None
+        bar = run.engine.progress_bar(total_rows, self.name)
+        try:
+            for sl in run.engine.chunks(total_rows, row_shape):
+                # Rows are sample-major: row k is copy k % samples of sample k // samples.
+                owner = torch.arange(sl.start, sl.stop, device=x.device) // self.samples
+                noise = torch.stack([torch.randn(row_shape, generator=generator)
+                                     for _ in range(sl.stop - sl.start)]).to(x.device, x.dtype)
+                noisy = x[owner] + sigma[owner].view(-1, *([1] * len(row_shape))) * noise
+                del noise
+                maps = self.base.attribute(run.at(noisy, run.sample_index[owner]))
+                del noisy
+                if self.magnitude:
+                    maps = maps * maps
+                if total is None:
+                    total = torch.zeros((n, *maps.shape[1:]), dtype=maps.dtype, device=maps.device)
+                first, last = int(sl.start // self.samples), int((sl.stop - 1) // self.samples)
+                for r in range(first, last + 1):
+                    lo = max(sl.start, r * self.samples) - sl.start
+                    hi = min(sl.stop, (r + 1) * self.samples) - sl.start
+                    total[r] += maps[lo:hi].sum(dim=0)
+                bar.update(sl.stop - sl.start)
+        finally:
+            bar.close()
+        return total / self.samples
+
+
+@register
+class SmoothGradIG(SmoothGrad):
+    """SmoothGrad over integrated gradients (PAIR ``IntegratedGradients().GetSmoothedMask``).
+
+    The options are SmoothGrad's, with ``base`` defaulting to ``"integrated_gradients"``;
+    ``base_options`` sets IG's ``steps``, ``rule`` and ``baseline``.
+    """
+
+    name = "smoothgrad_ig"
+
+    def __init__(self, base: str | Method = "integrated_gradients", base_options: dict[str, Any] | None = None,
+                 samples: int = 25, noise_level: float = 0.15, magnitude: bool = False):
+        super().__init__(base, base_options, samples, noise_level, magnitude)
