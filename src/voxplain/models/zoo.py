@@ -1,0 +1,77 @@
+"""The model zoo: build a network by name and keyword configuration.
+
+Every model built here remembers how it was built (``model.voxplain_config``:
+``{"model": name, "model_config": {...}}``), so a checkpoint can rebuild it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .convnet import ConvClassifier
+from .unet import RegionUNet
+
+__all__ = ["build_model", "available_models", "describe_model"]
+
+
+def _cnn2d(in_channels: int = 1, num_classes: int = 2, blocks: int = 3, base_width: int = 16,
+           max_width: int = 128, image_size=None, dropout: float = 0.3) -> nn.Module:
+    return ConvClassifier(dims=2, in_channels=in_channels, num_classes=num_classes, blocks=blocks,
+                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout)
+
+
+def _classifier3d(in_channels: int = 4, num_classes: int = 2, blocks: int = 4, base_width: int = 8,
+                  max_width: int = 64, image_size=None, dropout: float = 0.3) -> nn.Module:
+    return ConvClassifier(dims=3, in_channels=in_channels, num_classes=num_classes, blocks=blocks,
+                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout)
+
+
+def _unet3d(in_channels: int = 4, out_channels: int = 3, channels=(8, 16, 32, 64), num_res_units: int = 1,
+            dropout: float = 0.0) -> nn.Module:
+    return RegionUNet(dims=3, in_channels=in_channels, out_channels=out_channels, channels=channels,
+                      num_res_units=num_res_units, dropout=dropout)
+
+
+_MODELS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "cnn2d": (_cnn2d, "CXAI-style 2D CNN: `blocks` (3/5/7) conv-BN-ReLU-maxpool blocks, GAP, dropout, linear"),
+    "classifier3d": (_classifier3d, "3D CNN classifier (e.g. glioma grade HGG vs LGG on 4 modalities)"),
+    "unet3d": (_unet3d, "3D U-Net (MONAI UNet, BatchNorm, ReLU) with one sigmoid channel per region (ET/TC/WT)"),
+}
+
+
+def available_models() -> list[str]:
+    """Names accepted by :func:`build_model`."""
+    return list(_MODELS)
+
+
+def describe_model(name: str) -> str:
+    """One line describing a zoo model."""
+    return _MODELS[_check_name(name)][1]
+
+
+def _check_name(name: str) -> str:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(_MODELS)}")
+    return name
+
+
+def build_model(name: str, **config) -> nn.Module:
+    """Build zoo model ``name`` with keyword ``config`` (e.g. ``build_model("cnn2d", blocks=5)``).
+
+    Unknown options raise a ``ValueError`` naming the accepted ones.
+    """
+    import inspect
+
+    factory = _MODELS[_check_name(name)][0]
+    accepted = list(inspect.signature(factory).parameters)
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} got unknown option(s) {unknown}; accepted: {accepted}")
+    model = factory(**config)
+    for key, value in config.items():
+        if isinstance(value, tuple):
+            config[key] = list(value)
+    model.voxplain_config = {"model": name, "model_config": dict(config)}
+    return model
