@@ -10,6 +10,8 @@ from .methods.guided_backprop import GuidedBackprop
 from .methods.guided_ig import GuidedIG
 from .methods.integrated_gradients import IntegratedGradients
 from .methods.smoothgrad import SmoothGrad, SmoothGradIG
+from .methods.blur_ig import BlurIG
+from .methods.occlusion import Occlusion
 from .targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target
 
 __version__ = "0.1.0"
@@ -21,5 +23,6 @@ __all__ = [
     "VanillaGradient", "GradientXInput",
     "GuidedBackprop", "GradCAM", "GuidedGradCAM", "gradcam_per_layer",
     "IntegratedGradients", "GuidedIG", "SmoothGrad", "SmoothGradIG",
+    "BlurIG", "Occlusion",
     "reduce_channels", "percentile_normalise",
 ]

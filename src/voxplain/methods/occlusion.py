@@ -1,0 +1,111 @@
+"""Occlusion: how much the score drops when a sliding window is replaced by a baseline.
+
+Semantics of Captum's ``Occlusion``: a box window slides over the spatial axes
+from the origin with the given stride; windows start at ``k * stride`` for
+``k = 0 .. ceil((size - window) / stride)``, so the last one may stick out of
+the input and is cut at the border. Each voxel's attribution is the mean,
+over the windows covering it, of ``F(x) - F(x with the window replaced by the baseline)``.
+
+Windows span all channels at once (a voxel is occluded in every channel
+together); this is Captum's ``Occlusion`` with ``sliding_window_shapes=(C, *window)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Method, Run
+from .registry import register
+
+__all__ = ["Occlusion", "window_starts"]
+
+
+def _per_dim(value, n_dims: int, what: str) -> tuple[int, ...]:
+    """An int or one int per spatial dim, checked positive."""
+    values = [value] * n_dims if isinstance(value, int) and not isinstance(value, bool) else list(value)
+    if len(values) != n_dims or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                        for v in values):
+        raise ValueError(f"occlusion {what} must be a positive int or {n_dims} positive ints "
+                         f"(one per spatial dim), got {value!r}")
+    return tuple(values)
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis (Captum's shift counts)."""
+    return [k * stride for k in range(math.ceil((size - window) / stride) + 1)]
+
+
+@register
+class Occlusion(Method):
+    """Score change when a sliding box (over the spatial axes, all channels) is set to a baseline.
+
+    Args:
+        window: window size in voxels, an int or one per spatial dim.
+        stride: step between windows, an int or one per spatial dim (at most the window
+            along axes the window does not span fully). Default: the window (no overlap).
+        baseline: value the window is replaced with: a float, or a tensor broadcastable
+            to the input (B, C, *spatial).
+    """
+
+    name = "occlusion"
+
+    def __init__(self, window: int | Sequence[int] = 8, stride: int | Sequence[int] | None = None,
+                 baseline: float | Tensor = 0.0) -> None:
+        self.window = window
+        self.stride = stride
+        self.baseline = baseline
+
+    def _geometry(self, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        window = _per_dim(self.window, len(spatial), "window")
+        stride = window if self.stride is None else _per_dim(self.stride, len(spatial), "stride")
+        if any(w > s for w, s in zip(window, spatial)):
+            raise ValueError(f"occlusion window {window} is larger than the input's spatial shape {spatial}")
+        for w, s, n in zip(window, stride, spatial):
+            if s > w and w < n:
+                raise ValueError(f"occlusion stride {stride} must not exceed the window {window} "
+                                 "(voxels between windows would never be occluded)")
+        return window, stride
+
+    def _baseline(self, x: Tensor) -> Tensor:
+        b = torch.as_tensor(self.baseline, dtype=x.dtype).to(x.device)
+        try:
+            torch.broadcast_shapes(b.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f"occlusion baseline of shape {tuple(b.shape)} does not broadcast to the "
+                             f"input's shape {tuple(x.shape)}") from None
+        return b.expand_as(x)
+
+    def attribute(self, run: Run) -> Tensor:
+        x = run.x
+        spatial = tuple(x.shape[2:])
+        window, stride = self._geometry(spatial)
+        baseline = self._baseline(x)
+        boxes = [tuple(slice(s, s + w) for s, w in zip(starts, window))
+                 for starts in itertools.product(*(window_starts(n, w, st)
+                                                   for n, w, st in zip(spatial, window, stride)))]
+        coverage = torch.zeros(spatial, device=x.device, dtype=x.dtype)
+        for box in boxes:
+            coverage[box] += 1
+        full = run.engine.scores(x, run.target, run.sample_index)
+        total = torch.zeros((x.shape[0], 1, *spatial), device=x.device, dtype=x.dtype)
+        bar = run.engine.progress_bar(x.shape[0] * len(boxes), "occlusion")
+        try:
+            for i in range(x.shape[0]):
+                for sl in run.engine.chunks(len(boxes), x.shape[1:], backward=False):
+                    chunk = boxes[sl]
+                    rows = x[i:i + 1].repeat(len(chunk), *([1] * (x.ndim - 1)))
+                    for r, box in enumerate(chunk):
+                        rows[(r, slice(None), *box)] = baseline[(i, slice(None), *box)]
+                    index = run.sample_index[i:i + 1].expand(len(chunk))
+                    drop = full[i] - run.engine.scores(rows, run.target, index)
+                    for r, box in enumerate(chunk):
+                        total[(i, 0, *box)] += drop[r]
+                    bar.update(len(chunk))
+        finally:
+            bar.close()
+        return (total / coverage).expand_as(x).clone()
