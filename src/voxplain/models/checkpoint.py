@@ -122,9 +122,12 @@ def _torch_load_weights(path: Path, device=None):
     try:
         return torch.load(path, map_location=device or "cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise ValueError(f"{path}: not a readable PyTorch weights file (corrupt or another format)") from None
         raise UnsafeModelFileError(
-            f"{path}: holds Python objects other than tensors, so it cannot be read with weights_only=True "
-            f"({' '.join(str(err).split())[:200]})"
+            f"{path}: holds Python objects other than tensors (e.g. {found[1]}), so it cannot be read "
+            "with weights_only=True"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a readable PyTorch weights file ({' '.join(str(err).split())[:200]})") from None

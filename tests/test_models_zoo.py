@@ -1,0 +1,89 @@
+"""The model zoo: every model runs forward and backward on tiny inputs; options are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from voxplain.models import available_models, build_model
+from voxplain.models.convnet import pooling_plan
+
+
+def _forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    return out
+
+
+def test_available_models():
+    assert set(available_models()) >= {"cnn2d", "classifier3d", "unet3d"}
+
+
+@pytest.mark.parametrize("blocks", [3, 5, 7])
+@pytest.mark.parametrize("size", [32, 64])
+def test_cnn2d_blocks(blocks, size):
+    torch.manual_seed(0)
+    model = build_model("cnn2d", blocks=blocks, in_channels=3, num_classes=4, image_size=size)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == blocks
+    widths = [c.out_channels for c in convs]
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    out = _forward_backward(model.train(), torch.randn(2, 3, size, size))
+    assert out.shape == (2, 4)
+
+
+def test_cnn2d_never_pools_to_zero():
+    # 7 blocks on 64x64 would need 128 px to pool every block; pools stop at 1 px
+    assert pooling_plan(7, (64, 64)) == [True] * 6 + [False]
+    model = build_model("cnn2d", blocks=7, image_size=64).eval()
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 6
+    # an input smaller than planned still runs (ceil-mode pooling keeps at least 1 px)
+    assert model(torch.randn(1, 1, 8, 12)).shape == (1, 2)
+
+
+def test_classifier3d():
+    torch.manual_seed(0)
+    model = build_model("classifier3d", image_size=[16, 16, 16])
+    out = _forward_backward(model.train(), torch.randn(2, 4, 16, 16, 16))
+    assert out.shape == (2, 2)
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (17, 20, 13)])
+def test_unet3d_any_size(shape):
+    torch.manual_seed(0)
+    model = build_model("unet3d", channels=[4, 8, 16])
+    out = _forward_backward(model.train(), torch.randn(2, 4, *shape))
+    assert out.shape == (2, 3, *shape)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(isinstance(m, (nn.InstanceNorm3d, nn.GroupNorm)) for m in model.modules())
+    assert all(not getattr(m, "inplace", False) for m in model.modules() if isinstance(m, nn.ReLU))
+
+
+def test_unet3d_eval_is_affine_between_relus():
+    # IG completeness needs eval-mode BatchNorm (no batch statistics): batch rows are independent
+    model = build_model("unet3d", channels=[4, 8]).eval()
+    x = torch.randn(3, 4, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[1:2], model(x[1:2]), atol=1e-5, rtol=1e-4)
+
+
+def test_build_model_records_config_and_rejects_unknown_options():
+    model = build_model("cnn2d", blocks=5, image_size=(32, 32))
+    assert model.voxplain_config == {"model": "cnn2d", "model_config": {"blocks": 5, "image_size": [32, 32]}}
+    with pytest.raises(ValueError, match="unknown model 'resnet'.*cnn2d"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="unknown option.*'depth'"):
+        build_model("unet3d", depth=3)
+
+
+def test_wrong_input_shape_is_named():
+    model = build_model("classifier3d").eval()
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 4, \*, \*, \*\), got \(1, 3, 8, 8, 8\)"):
+        model(torch.randn(1, 3, 8, 8, 8))
