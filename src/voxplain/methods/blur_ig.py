@@ -58,7 +58,7 @@ def gaussian_blur(x: Tensor, sigmas: Tensor | float) -> Tensor:
     along each axis is a matrix product with a banded (Toeplitz) matrix.
     """
     if not isinstance(sigmas, Tensor):
-        sigmas = torch.full((x.shape[0],), float(sigmas))
+        sigmas = torch.full((x.shape[0],), float(sigmas), dtype=torch.float64)
     sigmas = sigmas.reshape(-1)
     if sigmas.numel() != x.shape[0]:
         raise ValueError(f"need one sigma per row: {x.shape[0]} rows, {sigmas.numel()} sigmas")
