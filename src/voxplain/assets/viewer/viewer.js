@@ -1,0 +1,163 @@
+// voxplain report viewer: slices through the input and overlays one attribution map.
+// Volumes are uint8, zlib-compressed, base64; C order over (X, Y, Z) in RAS voxel order.
+"use strict";
+(function () {
+  const DATA = JSON.parse(document.getElementById("voxplain-data").textContent);
+  const VIEWS = [
+    // fixed axis, horizontal axis, vertical axis (drawn bottom-up)
+    { id: "axial", fixed: 2, h: 0, v: 1 },
+    { id: "coronal", fixed: 1, h: 0, v: 2 },
+    { id: "sagittal", fixed: 0, h: 1, v: 2 },
+  ];
+  const cache = new Map();
+  const $ = (id) => document.getElementById(id);
+  const state = { study: 0, target: null, method: null, channel: 0, opacity: 0.6, pos: [0, 0, 0] };
+
+  async function decode(b64) {
+    if (cache.has(b64)) return cache.get(b64);
+    const raw = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const stream = new Blob([raw]).stream().pipeThrough(new DecompressionStream("deflate"));
+    const out = new Uint8Array(await new Response(stream).arrayBuffer());
+    cache.set(b64, out);
+    return out;
+  }
+
+  function study() { return DATA.studies[state.study]; }
+
+  // a 2D image (one axial slice) has no coronal or sagittal view
+  function shown(s, view) { return view.id === "axial" || s.dims[2] > 1; }
+
+  function fillSelect(sel, values, current) {
+    sel.innerHTML = "";
+    for (const v of values) {
+      const o = document.createElement("option");
+      o.value = v; o.textContent = v.replace(/_/g, " ");
+      sel.appendChild(o);
+    }
+    sel.value = values.includes(current) ? current : values[0];
+    return sel.value;
+  }
+
+  function setupStudy() {
+    const s = study();
+    state.target = fillSelect($("target"), Object.keys(s.overlays), state.target);
+    state.method = fillSelect($("method"), Object.keys(s.overlays[state.target] || {}), state.method);
+    state.channel = Math.min(state.channel, s.channels.length - 1);
+    const chSel = $("channel");
+    chSel.innerHTML = "";
+    s.channels.forEach((c, i) => {
+      const o = document.createElement("option"); o.value = i; o.textContent = c; chSel.appendChild(o);
+    });
+    chSel.value = state.channel;
+    state.pos = s.dims.map((d, i) => (s.focus ? s.focus[i] : Math.floor(d / 2)));
+    for (const view of VIEWS) {
+      const n = s.dims[view.fixed];
+      $("box-" + view.id).style.display = shown(s, view) ? "" : "none";
+      const slider = $("slice-" + view.id);
+      slider.style.visibility = n > 1 ? "" : "hidden";
+      slider.max = n - 1; slider.value = state.pos[view.fixed];
+      const w = s.dims[view.h], h = s.dims[view.v];
+      const canvas = $("view-" + view.id);
+      canvas.width = w; canvas.height = h;
+      const sw = s.spacing[view.h], sh = s.spacing[view.v];
+      const scale = 280 / Math.max(w * sw, h * sh);
+      canvas.style.width = Math.round(w * sw * scale) + "px";
+      canvas.style.height = Math.round(h * sh * scale) + "px";
+    }
+    const pred = $("prediction");
+    pred.innerHTML = "";
+    for (const [k, v] of Object.entries(s.prediction || {})) {
+      const tr = document.createElement("tr");
+      tr.innerHTML = "<th></th><td></td>";
+      tr.children[0].textContent = k;
+      tr.children[1].textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
+      pred.appendChild(tr);
+    }
+  }
+
+  function drawColourbar(vmax) {
+    const c = $("colourbar");
+    const ctx = c.getContext("2d");
+    const img = ctx.createImageData(256, 1);
+    for (let i = 0; i < 256; i++) {
+      img.data.set([DATA.lut[3 * i], DATA.lut[3 * i + 1], DATA.lut[3 * i + 2], 255], 4 * i);
+    }
+    c.width = 256; c.height = 1;
+    ctx.putImageData(img, 0, 0);
+    $("cb-max").textContent = vmax === null ? "" : "≥ " + Number(vmax).toPrecision(3);
+  }
+
+  async function render() {
+    const s = study();
+    const ov = (s.overlays[state.target] || {})[state.method];
+    const base = await decode(s.images[state.channel]);
+    const over = ov ? await decode(ov.data) : null;
+    drawColourbar(ov ? ov.vmax : null);
+    $("map-info").textContent = ov ? ov.info : "";
+    const [X, Y, Z] = s.dims;
+    const lut = DATA.lut;
+    for (const view of VIEWS) {
+      if (!shown(s, view)) continue;
+      const canvas = $("view-" + view.id);
+      const w = canvas.width, h = canvas.height;
+      const ctx = canvas.getContext("2d");
+      const img = ctx.createImageData(w, h);
+      const p = [0, 0, 0];
+      p[view.fixed] = state.pos[view.fixed];
+      for (let row = 0; row < h; row++) {
+        p[view.v] = h - 1 - row;
+        for (let col = 0; col < w; col++) {
+          p[view.h] = col;
+          const idx = (p[0] * Y + p[1]) * Z + p[2];
+          const g = base[idx];
+          let r = g, gg = g, b = g;
+          if (over) {
+            const m = over[idx];
+            const a = state.opacity * Math.sqrt(m / 255);
+            r = (1 - a) * g + a * lut[3 * m];
+            gg = (1 - a) * g + a * lut[3 * m + 1];
+            b = (1 - a) * g + a * lut[3 * m + 2];
+          }
+          const o = 4 * (row * w + col);
+          img.data[o] = r; img.data[o + 1] = gg; img.data[o + 2] = b; img.data[o + 3] = 255;
+        }
+      }
+      ctx.putImageData(img, 0, 0);
+      $("pos-" + view.id).textContent = state.pos[view.fixed] + " / " + (s.dims[view.fixed] - 1);
+    }
+    document.body.dataset.rendered = String(Number(document.body.dataset.rendered || 0) + 1);
+  }
+
+  function bind() {
+    $("study").addEventListener("change", (e) => { state.study = Number(e.target.value); setupStudy(); render(); });
+    $("target").addEventListener("change", (e) => {
+      state.target = e.target.value;
+      state.method = fillSelect($("method"), Object.keys(study().overlays[state.target]), state.method);
+      render();
+    });
+    $("method").addEventListener("change", (e) => { state.method = e.target.value; render(); });
+    $("channel").addEventListener("change", (e) => { state.channel = Number(e.target.value); render(); });
+    $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value) / 100; render(); });
+    for (const view of VIEWS) {
+      $("slice-" + view.id).addEventListener("input", (e) => {
+        state.pos[view.fixed] = Number(e.target.value); render();
+      });
+    }
+  }
+
+  async function start() {
+    const sel = $("study");
+    DATA.studies.forEach((s, i) => {
+      const o = document.createElement("option"); o.value = i; o.textContent = s.name; sel.appendChild(o);
+    });
+    bind();
+    setupStudy();
+    await render();
+    window.voxplainReady = true;
+  }
+
+  start().catch((err) => {
+    $("viewer-error").textContent = "The viewer could not start: " + err;
+    throw err;
+  });
+})();

@@ -1,0 +1,88 @@
+"""``summary.json``: what was explained, what the model said, and how each map was made."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_file
+
+__all__ = ["prediction_summary", "methods_summary", "write_json", "jsonable"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with tensors, arrays, numpy scalars and non-finite floats made JSON-friendly."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist()) if value.size <= 64 else f"array{value.shape}"
+    if isinstance(value, np.generic):
+        return jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def prediction_summary(output: torch.Tensor, sample: int = 0, class_names: list[str] | None = None,
+                       score: float | None = None, target: dict | None = None) -> dict[str, Any]:
+    """The model's prediction for one sample of a (B, K) or (B, K, *spatial) output.
+
+    Classification: predicted class, its name and softmax probabilities (sigmoid for K == 1).
+    Segmentation: voxels per channel predicted positive (sigmoid > 0.5 if the
+    channels are independent regions, else argmax counts).
+    """
+    out = output[sample].detach().float().cpu()
+    summary: dict[str, Any] = {}
+    if out.ndim == 1:
+        probs = torch.sigmoid(out) if out.numel() == 1 else torch.softmax(out, 0)
+        k = int(out.argmax()) if out.numel() > 1 else int(probs[0] > 0.5)
+        summary["predicted_class"] = k
+        if class_names and k < len(class_names):
+            summary["predicted_label"] = class_names[k]
+        names = class_names if class_names and len(class_names) == out.numel() else None
+        summary["probabilities"] = ({n: round(float(p), 4) for n, p in zip(names, probs)} if names
+                                    else [round(float(p), 4) for p in probs])
+        summary["logits"] = [round(float(v), 4) for v in out]
+    else:
+        names = class_names if class_names and len(class_names) == out.shape[0] else \
+            [str(i) for i in range(out.shape[0])]
+        if len(names) > 1 and float(out.min()) >= 0 and float(out.max()) <= 1:
+            positive = out > 0.5
+        else:
+            positive = (torch.sigmoid(out) > 0.5) if len(names) == 1 else None
+        if positive is None:
+            labels = out.argmax(0)
+            counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
+        else:
+            counts = {n: int(positive[i].sum()) for i, n in enumerate(names)}
+        summary["voxels_per_channel"] = counts
+    if score is not None:
+        summary["explained_score"] = round(float(score), 6)
+    if target is not None:
+        summary["target"] = jsonable(target)
+    return summary
+
+
+def methods_summary(explanation) -> dict[str, Any]:
+    """Per method: its options and run time in seconds, from an :class:`~voxplain.Explanation`."""
+    return {name: {"options": jsonable(explanation.options.get(name, {})),
+                   "seconds": round(float(explanation.seconds.get(name, float("nan"))), 4)}
+            for name in explanation.maps}
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(jsonable(data), indent=2)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,106 @@
+"""Write a whole report folder: NIfTI maps, PNG figures, ``summary.json`` and ``report.html``."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import atomic_file
+from .figures import comparison_grid, inspection_grid, study_rows
+from .html import DEFAULT_MAX_VOXELS, write_html
+from .nifti_maps import map_filename, save_map_nifti
+from .study import Study
+from .summary import write_json
+
+__all__ = ["ScanSpace", "write_report", "write_index", "slug"]
+
+
+@dataclass
+class ScanSpace:
+    """Where a study's maps go back to: the source scan's header and the way back from model input space.
+
+    ``to_scan`` takes a map (C, *input spatial) and returns it on the scan's
+    (RAS) voxel grid, e.g. undoing a crop or pad; ``None`` when the model saw
+    the scan's grid as is.
+    """
+
+    meta: Any
+    to_scan: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def slug(name: str) -> str:
+    """A file-name-safe version of ``name``."""
+    return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("_").lower() or "study"
+
+
+def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: dict[str, Any] | None = None,
+                 scans: dict[str, ScanSpace] | None = None, title: str = "voxplain report",
+                 figures: Sequence[tuple[str, str]] = (), max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+    """Write the report of ``studies`` into ``folder``; returns the summary written to ``summary.json``.
+
+    Args:
+        folder: output folder (created if needed; callers wrap it in :func:`voxplain.atomic.atomic_dir`).
+        studies: explained inputs, each with its maps per target and method.
+        settings: the run's settings (command, seed, device...).
+        scans: study name -> :class:`ScanSpace` for studies whose maps are written as NIfTI.
+        figures: extra ``(title, path relative to folder)`` PNGs already written (e.g. filter grids).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scans = scans or {}
+    names = [s.name for s in studies]
+    if len(set(names)) != len(names):
+        raise ValueError(f"study names must be unique, got {names}")
+    shown: list[tuple[str, str]] = []
+    summary_studies = []
+    for study in studies:
+        sub = slug(study.name) if len(studies) > 1 else ""
+        entry: dict[str, Any] = {"name": study.name, "prediction": study.prediction,
+                                 "settings": study.settings, "maps": {}, "figures": []}
+        scan = scans.get(study.name)
+        if scan is not None:
+            for target, per_method in study.maps.items():
+                for method, m in per_method.items():
+                    rel = Path("maps", sub, map_filename(target, method))
+                    scan_map = scan.to_scan(m) if scan.to_scan is not None else m
+                    save_map_nifti(scan_map, scan.meta, folder / rel)
+                    entry["maps"].setdefault(target, {})[method] = rel.as_posix()
+        if study.maps:
+            rel = f"figures/comparison_{slug(study.name)}.png"
+            comparison_grid(folder / rel, study_rows(study), title=study.name)
+            shown.append((f"Method comparison: {study.name}", rel))
+            entry["figures"].append(rel)
+        if study.layers:
+            rel = f"figures/inspection_{slug(study.name)}.png"
+            inspection_grid(folder / rel, study.image, study.layers,
+                            title=f"Grad-CAM layer by layer: {study.name}")
+            shown.append((f"Network inspection: {study.name}", rel))
+            entry["figures"].append(rel)
+        summary_studies.append(entry)
+    shown += list(figures)
+    summary = {"title": title, "settings": settings or {}, "studies": summary_studies,
+               "figures": [rel for _, rel in shown], "report": "report.html"}
+    write_json(folder / "summary.json", summary)
+    write_html(folder / "report.html", studies, figures=[(t, folder / rel) for t, rel in shown],
+               settings=settings, title=title, max_voxels=max_voxels)
+    return summary
+
+
+def write_index(path: str | os.PathLike, entries: Sequence[tuple[str, str, str]], title: str = "voxplain reports") -> None:
+    """A plain index page linking one report per case: ``(case name, relative link, one-line prediction)``."""
+    rows = "".join(f'<tr><td><a href="{html.escape(link)}">{html.escape(name)}</a></td>'
+                   f"<td>{html.escape(pred)}</td></tr>" for name, link, pred in entries)
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            "<style>body{font-family:system-ui,sans-serif;margin:20px}td,th{border:1px solid #ddd;"
+            "padding:4px 8px}table{border-collapse:collapse}</style></head><body>"
+            f"<h1>{html.escape(title)}</h1><table><tr><th>case</th><th>prediction</th></tr>{rows}</table>"
+            "</body></html>\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
