@@ -202,6 +202,9 @@ class Engine:
 
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
+        if n_rows == 1:  # nothing to split: skip the size estimate (a forward pass of its own)
+            yield slice(0, n_rows)
+            return
         step = self.rows_per_pass(row_shape, backward)
         for start in range(0, n_rows, step):
             yield slice(start, min(n_rows, start + step))

@@ -133,7 +133,7 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
                     layers.append(layer)
         sample_index = torch.arange(x.shape[0], device=engine.device)
         run = Run(engine, xd, bound, sample_index, seed=seed, layers=layers)
-        scores = engine.scores(xd, bound, sample_index).cpu()
+        scores = bound.score(output, sample_index).cpu()
         maps, seconds = {}, {}
         extras: dict[str, Any] = {}
         for m in method_objs:
