@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.voxplain-installed
 
-.PHONY: install browser demo test bench clean
+.PHONY: install system-deps demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,17 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/voxplain demo --out demo-output
 
-# The report test drives a real headless chromium; install Debian's when missing (needs root).
-browser:
-	command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver)
+# Tests drive a real headless chromium (report viewer) and a real PostgreSQL server
+# (sweep across machines); install Debian's packages when missing (needs root).
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
 
-test: install browser
+test: install system-deps
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
 
 bench: install
