@@ -12,6 +12,7 @@ from .methods.integrated_gradients import IntegratedGradients
 from .methods.smoothgrad import SmoothGrad, SmoothGradIG
 from .methods.blur_ig import BlurIG
 from .methods.occlusion import Occlusion
+from .methods.xrai import XRAI
 from .targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target
 
 __version__ = "0.1.0"
@@ -23,6 +24,6 @@ __all__ = [
     "VanillaGradient", "GradientXInput",
     "GuidedBackprop", "GradCAM", "GuidedGradCAM", "gradcam_per_layer",
     "IntegratedGradients", "GuidedIG", "SmoothGrad", "SmoothGradIG",
-    "BlurIG", "Occlusion",
+    "BlurIG", "Occlusion", "XRAI",
     "reduce_channels", "percentile_normalise",
 ]

@@ -12,5 +12,6 @@ from . import guided_ig  # noqa: E402,F401
 from . import smoothgrad  # noqa: E402,F401
 from . import blur_ig  # noqa: E402,F401
 from . import occlusion  # noqa: E402,F401
+from . import xrai  # noqa: E402,F401
 
 __all__ = ["Method", "Run", "available_methods", "create_method", "method_class", "option_names", "register"]
