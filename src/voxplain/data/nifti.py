@@ -1,0 +1,179 @@
+"""Read any NIfTI image in RAS orientation and write maps back aligned with the source scan.
+
+Arrays handed to the rest of voxplain are float32 and in RAS+ voxel order (first
+axis towards the subject's Right, second Anterior, third Superior), whatever the
+orientation stored in the file. :class:`NiftiMeta` remembers the file's affine
+and orientation, so :func:`save_nifti_like` writes a map computed on the RAS
+array back on the source grid: it overlays the original scan in any viewer.
+
+4D files (a modality or time axis last in NIfTI) come back channels first,
+(C, X, Y, Z), following the (C, *spatial) convention of voxplain.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt_mod
+
+from ..atomic import atomic_file
+
+__all__ = ["NiftiMeta", "load_nifti", "save_nifti_like", "write_nifti", "is_nifti_path"]
+
+_RAS = ornt_mod.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class NiftiMeta:
+    """Where a loaded image came from and how to map RAS arrays back onto it.
+
+    Attributes:
+        path: the source file (None for an image made in memory).
+        affine: the source file's voxel-to-world matrix (4x4).
+        shape: the source file's spatial shape (as stored, not reoriented).
+        ornt: the source's orientation (nibabel ``ornt`` array, one row per axis).
+        header: a copy of the source NIfTI header.
+    """
+
+    path: Path | None
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    ornt: np.ndarray
+    header: nib.Nifti1Header
+
+    @property
+    def axcodes(self) -> tuple[str, str, str]:
+        """Orientation of the source voxel axes, e.g. ``('L', 'P', 'S')``."""
+        return tuple(ornt_mod.ornt2axcodes(self.ornt))
+
+    @property
+    def ras_shape(self) -> tuple[int, int, int]:
+        """Spatial shape of the arrays returned by :func:`load_nifti` (RAS order)."""
+        return tuple(int(self.shape[int(axis)]) for axis in self._to_ras()[:, 0].argsort())
+
+    @property
+    def ras_affine(self) -> np.ndarray:
+        """Voxel-to-world matrix of the RAS-ordered array."""
+        return self.affine @ ornt_mod.inv_ornt_aff(self._to_ras(), self.shape)
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the RAS axes."""
+        return tuple(float(z) for z in np.sqrt((self.ras_affine[:3, :3] ** 2).sum(axis=0)))
+
+    def _to_ras(self) -> np.ndarray:
+        return ornt_mod.ornt_transform(self.ornt, _RAS)
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape) -> "NiftiMeta":
+        """Metadata for an image made in memory on a grid given by ``affine`` and ``shape``."""
+        affine = np.asarray(affine, dtype=float)
+        header = nib.Nifti1Header()
+        header.set_data_shape(tuple(shape))
+        return cls(None, affine, tuple(int(s) for s in shape), ornt_mod.io_orientation(affine), header)
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    """Whether the name ends in ``.nii`` or ``.nii.gz``."""
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, NiftiMeta]:
+    """Read a 3D or 4D NIfTI file (``.nii`` or ``.nii.gz``, any data type and orientation).
+
+    Returns the data as float32 in RAS order, (X, Y, Z) for 3D and (C, X, Y, Z) for
+    4D, with the file's scaling applied, and its :class:`NiftiMeta`. Raises
+    ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file if
+    it cannot be read or is not 3D/4D.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise ValueError(f"not a NIfTI image but {type(img).__name__}")
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, ValueError,
+            TypeError, MemoryError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"cannot read NIfTI file {path}: {reason}") from None
+    # ITK-style vector images store channels as a 5th axis after a singleton time axis
+    while data.ndim > 4 and data.shape[3] == 1:
+        data = data[:, :, :, 0]
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim not in (3, 4):
+        raise ValueError(f"expected a 3D or 4D image in {path}, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise ValueError(f"{path} contains NaN or infinite values")
+    affine = np.asarray(img.affine, dtype=float)
+    meta = NiftiMeta(path, affine, tuple(int(s) for s in data.shape[:3]), ornt_mod.io_orientation(affine),
+                     img.header.copy())
+    data = ornt_mod.apply_orientation(data, meta._to_ras())
+    if data.ndim == 4:
+        data = np.moveaxis(data, 3, 0)
+    return np.ascontiguousarray(data, dtype=np.float32), meta
+
+
+def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
+                header: nib.Nifti1Header | None = None, dtype=None, compresslevel: int = 1) -> Path:
+    """Write a NIfTI file atomically; same inputs give the same bytes.
+
+    ``data`` is written as stored (voxel order of ``affine``; a 4D array has its
+    channel axis last). ``.nii.gz`` files are gzipped without a time stamp or
+    file name in the gzip header, so a repeated run reproduces the file exactly.
+    """
+    path = Path(path)
+    if not is_nifti_path(path):
+        raise ValueError(f"a NIfTI file name must end in .nii or .nii.gz, got {path.name}")
+    data = np.asarray(data)
+    if dtype is not None:
+        data = data.astype(dtype)
+    img = nib.Nifti1Image(data, np.asarray(affine, float), header=header)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if np.issubdtype(data.dtype, np.floating):
+        img.header.set_slope_inter(1.0, 0.0)
+    raw = img.to_bytes()
+    if path.name.lower().endswith(".gz"):
+        raw = gzip.compress(raw, compresslevel=compresslevel, mtime=0)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(raw)
+    return path
+
+
+def save_nifti_like(array, meta: NiftiMeta, path: str | os.PathLike, dtype=np.float32) -> Path:
+    """Write an array computed on a :func:`load_nifti` result back in the source's grid and orientation.
+
+    ``array`` is (X, Y, Z) or (C, X, Y, Z) in RAS order with the spatial shape of the
+    loaded array (a torch tensor is accepted); it is reoriented to the source's
+    voxel order and written with the source affine, as float32 by default.
+    """
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    if array.ndim == 5 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim not in (3, 4):
+        raise ValueError(f"expected a (X, Y, Z) or (C, X, Y, Z) array to save, got shape {array.shape}")
+    spatial = tuple(array.shape[-3:])
+    if spatial != meta.ras_shape:
+        raise ValueError(f"array spatial shape {spatial} does not match the source image "
+                         f"{meta.path or ''} (RAS shape {meta.ras_shape})")
+    if array.ndim == 4:
+        array = np.moveaxis(array, 0, 3)
+    back = ornt_mod.ornt_transform(_RAS, meta.ornt)
+    out = np.ascontiguousarray(ornt_mod.apply_orientation(array, back))
+    header = meta.header.copy()
+    header.set_data_shape(out.shape)
+    return write_nifti(out, meta.affine, path, header=header, dtype=dtype)
