@@ -155,9 +155,10 @@ def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
 def save_nifti_like(array, meta: NiftiMeta, path: str | os.PathLike, dtype=np.float32) -> Path:
     """Write an array computed on a :func:`load_nifti` result back in the source's grid and orientation.
 
-    ``array`` is (X, Y, Z) or (C, X, Y, Z) in RAS order with the spatial shape of the
-    loaded array (a torch tensor is accepted); it is reoriented to the source's
-    voxel order and written with the source affine, as float32 by default.
+    ``array`` is (X, Y, Z), (C, X, Y, Z) or (X, Y, Z, C) in RAS order with the
+    spatial shape of the loaded array (a torch tensor is accepted); it is reoriented
+    to the source's voxel order and written with the source affine, as float32 by
+    default. Several channels make a 4D file (channels last, as NIfTI stores them).
     """
     if hasattr(array, "detach"):
         array = array.detach().cpu().numpy()
@@ -165,13 +166,14 @@ def save_nifti_like(array, meta: NiftiMeta, path: str | os.PathLike, dtype=np.fl
     if array.ndim == 5 and array.shape[0] == 1:
         array = array[0]
     if array.ndim not in (3, 4):
-        raise ValueError(f"expected a (X, Y, Z) or (C, X, Y, Z) array to save, got shape {array.shape}")
-    spatial = tuple(array.shape[-3:])
+        raise ValueError(f"expected a (X, Y, Z) or 4D array to save, got shape {array.shape}")
+    if array.ndim == 4 and tuple(array.shape[1:]) == meta.ras_shape:
+        array = np.moveaxis(array, 0, 3)  # channels first -> the NIfTI layout, channels last
+    spatial = tuple(array.shape[:3])
     if spatial != meta.ras_shape:
-        raise ValueError(f"array spatial shape {spatial} does not match the source image "
-                         f"{meta.path or ''} (RAS shape {meta.ras_shape})")
-    if array.ndim == 4:
-        array = np.moveaxis(array, 0, 3)
+        raise ValueError(f"array shape {tuple(array.shape)} does not match the source image "
+                         f"{meta.path or ''}: expected spatial shape {meta.ras_shape} (RAS), as "
+                         "(X, Y, Z), (C, X, Y, Z) or (X, Y, Z, C)")
     back = ornt_mod.ornt_transform(_RAS, meta.ornt)
     out = np.ascontiguousarray(ornt_mod.apply_orientation(array, back))
     header = meta.header.copy()
