@@ -17,6 +17,9 @@ __all__ = ["main", "SUBCOMMANDS", "UserError"]
 #: subcommand name -> module (relative to this package), in the order shown by --help
 SUBCOMMANDS: dict[str, str] = {
     "train": "train",
+    "demo": "demo",
+    "explain": "explain",
+    "inspect": "inspect",
 }
 
 

@@ -1,0 +1,71 @@
+"""Options shared by the explain, inspect and demo subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from . import UserError
+
+__all__ = ["add_model_input_arguments", "add_run_arguments", "parse_options", "parse_methods", "command_line"]
+
+
+def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --weights, --input, --task, --target, --out and friends."""
+    parser.add_argument("--model", required=True, metavar="M",
+                        help="voxplain checkpoint folder, 'module:factory' (with --weights) or a TorchScript file")
+    parser.add_argument("--weights", metavar="FILE", help="state_dict file for 'module:factory' (weights_only load)")
+    parser.add_argument("--allow-unsafe-pickle", action="store_true",
+                        help="allow loading a whole pickled model (runs code from the file; trusted files only)")
+    parser.add_argument("--input", required=True, nargs="+", metavar="X",
+                        help="BraTS case folder, folder of cases, NIfTI file(s) (one channel each) or PNG/JPEG")
+    parser.add_argument("--task", choices=["classify", "segment"],
+                        help="classify: (B, K) output; segment: (B, K, *spatial) output "
+                             "(default: from the checkpoint, else classify)")
+    parser.add_argument("--target", metavar="T",
+                        help="class/channel indices or names, comma-separated; 'predicted' (classification "
+                             "default) or 'all' (segmentation default: every output channel)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], help="2D images: read as 1 (grey) or 3 (RGB) channels")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced only when complete)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --batch-size, --memory-budget, --seed, --quiet."""
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the model's)")
+    parser.add_argument("--batch-size", type=int, metavar="N", help="rows per forward/backward pass")
+    parser.add_argument("--memory-budget", metavar="SIZE", help="memory one pass may use, e.g. 2GB (default 2GB)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random methods (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def parse_methods(text: str, available: list[str]) -> list[str]:
+    """A comma-separated method list; 'all' means every registered method."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UserError("--methods is empty; name at least one method")
+    if names == ["all"]:
+        return list(available)
+    return names
+
+
+def parse_options(items: list[str] | None) -> dict[str, dict]:
+    """``METHOD.KEY=VALUE`` items (VALUE read as JSON when it parses, else as a string)."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or not method or not option:
+            raise UserError(f"--option {item!r} must look like METHOD.KEY=VALUE, e.g. integrated_gradients.steps=32")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(method, {})[option] = value
+    return out
+
+
+def command_line() -> str:
+    """The command as typed, for the report's settings."""
+    return "voxplain " + " ".join(shlex.quote(a) for a in sys.argv[1:])

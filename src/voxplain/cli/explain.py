@@ -1,0 +1,74 @@
+"""`voxplain explain`: maps of several methods for a model and an input, written as a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import UserError
+from ._common import add_model_input_arguments, add_run_arguments, command_line, parse_methods, parse_options
+
+HELP = "explain a model's decision on a scan or image: NIfTI maps, figures, summary.json, report.html"
+DESCRIPTION = """\
+Run explanation methods on one input (or every case of a folder) and write to --out:
+  maps/<target>_<method>.nii.gz  raw float32 maps on the scan's grid (same shape and affine)
+  figures/comparison_*.png       input channels, then one column per method, one row per target
+  summary.json                   model, targets, prediction and score, per-method options and seconds
+  report.html                    self-contained viewer (open it from disk; no network needed)
+A folder of cases gives one sub-folder per case and an index.html.
+Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
+checkpoint says (or padded to the size the network needs); maps are put back on
+the scan's grid."""
+EXAMPLES = """\
+examples:
+  voxplain explain --model models/demo-grade --input BraTS20_001 --task classify --out out/grade
+  voxplain explain --model models/demo-unet --input BraTS20_001 --task segment --target WT,ET \\
+      --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
+  voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
+  voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
+
+DEFAULT_METHODS = ("vanilla_gradient,guided_backprop,integrated_gradients,guided_ig,smoothgrad,gradcam,"
+                   "guided_gradcam")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `voxplain explain`."""
+    add_model_input_arguments(parser)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, metavar="LIST",
+                        help="comma-separated method names, or 'all' (default: NeuroXAI's seven)")
+    parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
+                        help="a method option, repeatable, e.g. guided_ig.steps=50")
+    parser.add_argument("--region", choices=["predicted"],
+                        help="segmentation: pool the class channel over its predicted mask instead of all voxels")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Explain and write the report."""
+    from ..methods import available_methods
+    from ..report.pipeline import load_model_spec, run_explain  # noqa: F401 - imports checked early
+
+    methods = parse_methods(args.methods, available_methods())
+    out = run_explain(args.model, args.input, args.out, task=args.task or _task_of(args.model), target=args.target,
+                      methods=methods, weights=args.weights, options=parse_options(args.option),
+                      device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
+                      memory_budget=args.memory_budget, region=args.region,
+                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line())
+    if not args.quiet:
+        index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
+        print(f"wrote {out}/ (open {index})")
+    return 0
+
+
+def _task_of(model: str) -> str:
+    """The checkpoint's task, else classify."""
+    from pathlib import Path
+
+    from ..models.checkpoint import read_checkpoint_config
+
+    path = Path(model)
+    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+        try:
+            return read_checkpoint_config(path).get("task", "classify")
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(str(err)) from None
+    return "classify"

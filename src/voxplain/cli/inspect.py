@@ -1,0 +1,41 @@
+"""`voxplain inspect`: Grad-CAM at every conv layer and per-filter activations of one layer."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._common import add_model_input_arguments, add_run_arguments, command_line
+from .explain import _task_of
+
+HELP = "network inspection: Grad-CAM at every conv layer in network order, activations of one layer"
+DESCRIPTION = """\
+Follow how a decision forms inside the network (NeuroXAI's network inspection):
+Grad-CAM of the target at the output of every convolution block, in the order
+the network runs them, plus the activation map of every filter of one layer.
+Writes figures/inspection_*.png, figures/filters_*.png, NIfTI maps of the first,
+middle and last layer's CAM (volumes), summary.json and report.html to --out."""
+EXAMPLES = """\
+examples:
+  voxplain inspect --model models/demo-unet --input BraTS20_001 --task segment --target WT --out out/inspect
+  voxplain inspect --model models/demo-grade --input BraTS20_001 --layer features.2 --out out/inspect-grade"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `voxplain inspect`."""
+    add_model_input_arguments(parser)
+    parser.add_argument("--layer", metavar="NAME",
+                        help="layer (name from model.named_modules()) whose filters to show (default: a middle one)")
+    add_run_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Inspect and write the report."""
+    from ..report.pipeline import run_inspect
+
+    out = run_inspect(args.model, args.input, args.out, task=args.task or _task_of(args.model), target=args.target,
+                      layer=args.layer, weights=args.weights, device=args.device,
+                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
+                      batch_size=args.batch_size, memory_budget=args.memory_budget)
+    if not args.quiet:
+        print(f"wrote {out}/ (open {out / 'report.html'})")
+    return 0

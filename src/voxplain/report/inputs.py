@@ -1,0 +1,138 @@
+"""Read what ``voxplain explain`` / ``inspect`` are pointed at into :class:`Case` objects.
+
+Accepted: a BraTS case folder, a folder of case folders, one or more NIfTI files
+(one channel each, or one 4D file), a PNG/JPEG image. Volumes come back in RAS
+voxel order with the :class:`~voxplain.data.nifti.NiftiMeta` of their source, so
+maps can be written back on the scan's grid.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Case", "load_cases", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Case:
+    """One input to explain: ``image`` (C, *spatial) float32 as read (not normalised)."""
+
+    name: str
+    image: np.ndarray
+    channels: list[str]
+    meta: Any = None  # NiftiMeta for volumes, None for 2D images
+    seg: np.ndarray | None = None
+
+    @property
+    def is_volume(self) -> bool:
+        """True for 3D inputs."""
+        return self.image.ndim == 4
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm (1 per axis for images)."""
+        if self.meta is not None:
+            return tuple(self.meta.zooms)
+        return (1.0,) * (self.image.ndim - 1)
+
+
+def _strip_nifti(name: str) -> str:
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _load_image(path: Path, channels: int | None) -> Case:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            mode = "L" if (channels == 1 or (channels is None and img.mode in ("L", "I", "I;16", "1", "LA"))) \
+                else "RGB"
+            array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+    image = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    names = ["grey"] if image.shape[0] == 1 else ["red", "green", "blue"]
+    return Case(path.stem, np.ascontiguousarray(image), names)
+
+
+def _load_nifti_files(paths: Sequence[Path]) -> Case:
+    from ..data.nifti import load_nifti
+
+    arrays, names, meta = [], [], None
+    for p in paths:
+        data, m = load_nifti(p)
+        if data.ndim == 3:
+            data = data[None]
+        if meta is None:
+            meta = m
+        elif data.shape[1:] != arrays[0].shape[1:] or not np.allclose(m.affine, meta.affine, atol=1e-3):
+            raise ValueError(f"{p} is not on the same grid as {paths[0]} (shape {data.shape[1:]} vs "
+                             f"{arrays[0].shape[1:]}, or another affine); resample it first")
+        arrays.append(data)
+        stem = _strip_nifti(p.name)
+        names += [stem] if data.shape[0] == 1 else [f"{stem}[{i}]" for i in range(data.shape[0])]
+    name = _strip_nifti(paths[0].name) if len(paths) == 1 else os.path.commonprefix(
+        [_strip_nifti(p.name) for p in paths]).rstrip("_-") or "case"
+    return Case(name, np.concatenate(arrays), names, meta)
+
+
+def _load_brats(folder: Path) -> Case:
+    from ..data.brats import load_brats_case
+
+    case = load_brats_case(folder)
+    return Case(case.name, case.image, list(case.modalities), case.meta, case.seg)
+
+
+def _is_case_folder(folder: Path) -> bool:
+    from ..data.brats import case_files
+
+    files = case_files(folder)
+    return any(m in files for m in ("t1", "t1ce", "t2", "flair"))
+
+
+def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None) -> list[Case]:
+    """Load the inputs of a command into cases (several for a folder of case folders).
+
+    Args:
+        inputs: one folder or image, or one or more NIfTI files (stacked as channels).
+        channels: for 2D images, 1 (grey) or 3 (RGB); default as stored.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input given")
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"input not found: {p}")
+    if len(paths) > 1:
+        if not all(p.is_file() and _strip_nifti(p.name) != p.name for p in paths):
+            raise ValueError("several inputs must all be NIfTI files (one channel each); "
+                             f"got {', '.join(str(p) for p in paths)}")
+        return [_load_nifti_files(paths)]
+    path = paths[0]
+    if path.is_dir():
+        if _is_case_folder(path):
+            return [_load_brats(path)]
+        from ..data.brats import find_brats_cases
+
+        folders = find_brats_cases(path)
+        if not folders:
+            raise ValueError(f"{path} is neither a BraTS case folder (NAME_t1/t1ce/t2/flair.nii.gz) "
+                             "nor a folder of case folders")
+        return [_load_brats(f) for f in folders]
+    if _strip_nifti(path.name) != path.name:
+        return [_load_nifti_files([path])]
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return [_load_image(path, channels)]
+    raise ValueError(f"cannot tell what {path} is: expected a BraTS case folder, a folder of cases, "
+                     f"NIfTI file(s) (.nii, .nii.gz) or an image ({', '.join(IMAGE_SUFFIXES)})")
