@@ -16,6 +16,7 @@ __all__ = ["main", "SUBCOMMANDS", "UserError"]
 
 #: subcommand name -> module (relative to this package), in the order shown by --help
 SUBCOMMANDS: dict[str, str] = {
+    "phantom": "phantom",
     "train": "train",
     "demo": "demo",
     "explain": "explain",
