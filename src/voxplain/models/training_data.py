@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["TrainingData", "InMemoryDataset", "load_training_data", "stratified_split", "parse_size"]
+__all__ = ["TrainingData", "InMemoryDataset", "load_training_data", "parse_size"]
 
 MODALITIES = ["t1", "t1ce", "t2", "flair"]
 REGIONS = ["ET", "TC", "WT"]
@@ -78,24 +78,6 @@ def parse_size(text, dims: int) -> tuple[int, ...] | None:
     if len(sides) != dims or min(sides) < 1:
         raise ValueError(f"size needs 1 or {dims} positive sides for {dims}D data, got {text!r}")
     return tuple(sides)
-
-
-def stratified_split(labels: Sequence, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of indices into (train, val), each label group split in the same proportion."""
-    g = torch.Generator().manual_seed(int(seed))
-    groups: dict = {}
-    for i, label in enumerate(labels):
-        groups.setdefault(label, []).append(i)
-    train, val = [], []
-    for label in sorted(groups, key=str):
-        idx = groups[label]
-        order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        n_val = int(round(len(idx) * val_fraction))
-        if val_fraction > 0 and len(idx) > 1:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val += order[:n_val]
-        train += order[n_val:]
-    return sorted(train), sorted(val)
 
 
 def _materialise(dataset, desc: str, progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -168,7 +150,11 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
     if task == "classify" and len(set(labels)) < 2:
         raise ValueError(f"{root}: every sample has class {class_names[labels[0]] if class_names else labels[0]}; "
                          "a classifier needs at least two classes")
-    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    from ..data.datasets import split_indices
+
+    # slices of one case stay on one side of the split: neighbours would leak into validation
+    train_idx, val_idx = split_indices(len(items), val_fraction, seed, labels=labels,
+                                       groups=getattr(dataset, "groups", None))
     train = InMemoryDataset([items[i] for i in train_idx])
     val = InMemoryDataset([items[i] for i in val_idx]) if val_idx else None
     return TrainingData(train=train, val=val, kind=kind, input_size=tuple(items[0][0].shape[1:]),
