@@ -75,12 +75,15 @@ _GRADES = ("HGG", "LGG")
 @dataclass
 class PhantomSubject:
     """One synthetic subject: ``image`` (4, X, Y, Z) float32 in ``MODALITIES`` order,
-    ``seg`` (X, Y, Z) uint8 BraTS labels, and its row of ``subjects.csv`` in ``info``."""
+    ``seg`` (X, Y, Z) uint8 BraTS labels, its row of ``subjects.csv`` in ``info``, and
+    the ground truth behind the image in ``tissues``: the deformed "csf", "gm", "wm"
+    probability maps and the "brain", "vessels" and "marker" masks (not written to disk)."""
 
     name: str
     image: np.ndarray
     seg: np.ndarray
     info: dict = field(default_factory=dict)
+    tissues: dict = field(default_factory=dict)
 
 
 def parse_grades(grades) -> dict[str, float]:
@@ -246,7 +249,9 @@ def generate_subject(name: str, grade: str, shortcut: bool, seed, resolution: in
         scale = float(rng.uniform(400.0, 1200.0))
         image[c][mask] = np.maximum(np.rint(noisy * scale), 1.0)
     info = _describe(name, grade, shortcut, seg, tpl)
-    return PhantomSubject(name=name, image=image, seg=seg, info=info)
+    tissues = {"csf": csf, "gm": gm, "wm": wm, "brain": mask, "vessels": vessels,
+               "marker": marker if marker is not None else np.zeros(shape, bool)}
+    return PhantomSubject(name=name, image=image, seg=seg, info=info, tissues=tissues)
 
 
 def _describe(name: str, grade: str, shortcut: bool, seg: np.ndarray, tpl: Template) -> dict:
