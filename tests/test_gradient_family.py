@@ -125,9 +125,35 @@ def test_one_plain_and_one_guided_pass_serve_the_family(monkeypatch):
         calls.append(kwargs.get("guided", False))
         return original(self, *args, **kwargs)
 
+    traces = []
+    original_trace = Engine.trace
+
+    def counting_trace(self, x):
+        traces.append(x.shape)
+        return original_trace(self, x)
+
     monkeypatch.setattr(Engine, "gradients", counting)
+    monkeypatch.setattr(Engine, "trace", counting_trace)
     explain(classifier(dims=2), torch.randn(2, 2, 16, 16), 0, methods=FAMILY)
     assert sorted(calls) == [False, True]
+    assert len(traces) == 1  # Grad-CAM and guided Grad-CAM choose their layer from one trace
+
+
+def test_gradcam_alone_and_under_smoothgrad():
+    model = classifier(dims=3, seed=1)
+    x = torch.randn(2, 2, 8, 8, 8)
+    alone = voxplain.GradCAM(layer="2")(model, x, [0, 1])
+    assert alone.shape == (2, 1, 8, 8, 8)
+    base = {"base": "gradcam", "base_options": {"layer": "2"}}
+    still = explain(model, x, [0, 1], methods=["smoothgrad"],
+                    options={"smoothgrad": {**base, "noise_level": 0.0}})["smoothgrad"]
+    torch.testing.assert_close(still, alone, rtol=0, atol=0)
+    noisy = explain(model, x, [0, 1], methods=["smoothgrad"],
+                    options={"smoothgrad": {**base, "samples": 3}}, batch_size=4)["smoothgrad"]
+    assert noisy.shape == alone.shape and not torch.equal(noisy, alone)
+    guided = explain(model, x, [0, 1], methods=["smoothgrad"],
+                     options={"smoothgrad": {"base": "guided_gradcam", "samples": 2}})["smoothgrad"]
+    assert guided.shape == x.shape and torch.isfinite(guided).all()
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..engine import Engine
 from .base import Method, Run
 from .guided_backprop import warn_if_unguided
-from .layer_select import check_cam_layer, default_cam_layer, inspection_layers, resolve_layer
+from .layer_select import check_cam_layer, default_cam_layer, inspection_layers, resolve_layer, shared_trace
 from .registry import register
 
 __all__ = ["GradCAM", "GuidedGradCAM", "gradcam_per_layer", "cam_from_gradients", "upsample_cam"]
@@ -45,7 +45,7 @@ class _LayerOption:
     layer: str | nn.Module | None
 
     def _resolve(self, engine: Engine, x: Tensor) -> nn.Module:
-        trace = engine.trace(x)
+        trace = shared_trace(engine, x)
         if self.layer is None:
             module = default_cam_layer(engine, x, trace)
         else:

@@ -12,13 +12,15 @@ their forward hooks fire (a container fires after its children), with output sha
 from __future__ import annotations
 
 import difflib
+import weakref
 from collections import Counter
 
 from torch import Tensor, nn
 
 from ..engine import Engine, LayerInfo
 
-__all__ = ["NORMALISATIONS", "resolve_layer", "check_cam_layer", "default_cam_layer", "inspection_layers"]
+__all__ = ["NORMALISATIONS", "shared_trace", "resolve_layer", "check_cam_layer", "default_cam_layer",
+           "inspection_layers"]
 
 #: Normalisation layers. One that follows a layer makes a poor CAM layer: InstanceNorm
 #: removes each channel's spatial mean, so dF/dA sums to zero over space and every
@@ -34,6 +36,20 @@ _BLOCK_TAIL: tuple[type[nn.Module], ...] = NORMALISATIONS + (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
 _CONVS = (nn.modules.conv._ConvNd,)
+
+
+# engine -> (input it traced, trace): Grad-CAM and guided Grad-CAM in one explain() share a trace.
+_TRACES: "weakref.WeakKeyDictionary[Engine, tuple[weakref.ref, list[LayerInfo]]]" = weakref.WeakKeyDictionary()
+
+
+def shared_trace(engine: Engine, x: Tensor) -> list[LayerInfo]:
+    """``engine.trace(x)``, computed once per engine and input tensor."""
+    cached = _TRACES.get(engine)
+    if cached is not None and cached[0]() is x:
+        return cached[1]
+    trace = engine.trace(x)
+    _TRACES[engine] = (weakref.ref(x), trace)
+    return trace
 
 
 def _names(model: nn.Module) -> dict[nn.Module, str]:
