@@ -8,6 +8,7 @@ Guided Grad-CAM multiplies guided backpropagation by that map, per input channel
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +52,8 @@ class _LayerOption:
         else:
             module = resolve_layer(engine.model, self.layer)
             check_cam_layer(trace, module, x, self.layer if isinstance(self.layer, str) else None)
-        self._resolved = (engine.model, tuple(x.shape[1:]), module)
+        # weak: a method object the user keeps must not keep their model alive
+        self._resolved = (weakref.ref(engine.model), tuple(x.shape[1:]), weakref.ref(module))
         return module
 
     def layers(self, engine: Engine, x: Tensor) -> list[nn.Module]:
@@ -61,8 +63,8 @@ class _LayerOption:
     def cam(self, run: Run) -> Tensor:
         """Upsampled Grad-CAM (N, 1, *spatial) for ``run``, from the shared pass when it captured the layer."""
         resolved = getattr(self, "_resolved", None)
-        if resolved is not None and resolved[0] is run.engine.model and resolved[1] == tuple(run.x.shape[1:]):
-            layer = resolved[2]
+        if resolved is not None and resolved[0]() is run.engine.model and resolved[1] == tuple(run.x.shape[1:]):
+            layer = resolved[2]()
         else:
             layer = self._resolve(run.engine, run.x)
         if any(m is layer for m in run.layers):
