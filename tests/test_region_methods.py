@@ -161,3 +161,142 @@ def test_occlusion_bad_options():
         Occlusion(window=(2, 2, 2))(model, x)
     with pytest.raises(ValueError, match="does not broadcast"):
         Occlusion(window=2, baseline=torch.zeros(3, 8, 8))(model, x)
+
+
+# --------------------------------------------------------------------------- XRAI
+
+from voxplain.methods.segments import dilated_label_masks, felzenszwalb_regions  # noqa: E402
+from voxplain.methods.xrai import XRAI  # noqa: E402
+
+
+def _smooth(shape, sigma, seed):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    return ndimage.gaussian_filter(rng.normal(size=shape), (0,) + (sigma,) * (len(shape) - 1))
+
+
+@pytest.mark.parametrize("radius,shape", [(3, (20, 23)), (2, (9, 8, 10)), (0, (7, 9))])
+def test_dilated_label_masks_match_skimage(radius, shape):
+    from skimage.morphology import ball, dilation, disk
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(2, 6, shape)
+    labels[tuple(slice(1, 5) for _ in shape)] = 9
+    masks = dilated_label_masks(labels, radius).toarray().astype(bool)
+    footprint = (disk if len(shape) == 2 else ball)(radius)
+    for row, value in zip(masks, np.unique(labels)):
+        np.testing.assert_array_equal(row.reshape(shape), dilation(labels == value, footprint))
+
+
+def _pair_xrai(image, attr, segments, algorithm, area_threshold):
+    params = saliency_core.XRAIParameters(algorithm=algorithm, area_threshold=area_threshold,
+                                          return_xrai_segments=True)
+    out = saliency_core.XRAI().GetMaskWithDetails(np.moveaxis(image, 0, -1), None, segments=segments,
+                                                  base_attribution=np.moveaxis(attr, 0, -1),
+                                                  extra_parameters=params)
+    return out.attribution_mask, out.segments
+
+
+@pytest.fixture(scope="module")
+def pair_segments():
+    """An image and PAIR's Felzenszwalb segments of it (computed once)."""
+    from saliency.core.xrai import _get_segments_felzenszwalb
+
+    image = _smooth((3, 40, 36), 2, 0).astype(np.float32)
+    return image, _get_segments_felzenszwalb(np.moveaxis(image, 0, -1))
+
+
+@pytest.mark.parametrize("algorithm,area_threshold", [("full", 1.0), ("full", 0.3), ("fast", 1.0)])
+def test_xrai_matches_pair_given_segments_and_base(pair_segments, algorithm, area_threshold):
+    image, segments = pair_segments
+    attr = _smooth((3, 40, 36), 3, 1)
+    ref_map, ref_ranks = _pair_xrai(image, attr, segments, algorithm, area_threshold)
+    model = tm.classifier(2, in_channels=3).eval()
+    method = XRAI(segments=segments, base_attribution=attr, algorithm=algorithm, area_threshold=area_threshold)
+    out = voxplain.explain_detailed(model, torch.tensor(image[None]), 0, methods=[method])
+    ours, ranks = out.maps["xrai"][0, 0].numpy(), out.extras["xrai"]["ranks"][0].numpy()
+    assert out.maps["xrai"].shape == (1, 1, 40, 36)
+    np.testing.assert_array_equal(ranks, ref_ranks)
+    assert np.abs(ours - ref_map).max() <= 1e-3 * np.abs(ref_map).max()
+    assert ranks.max() > 5
+
+
+def test_xrai_default_2d_segmentation_matches_pair():
+    from saliency.core.xrai import _get_segments_felzenszwalb
+
+    image = _smooth((3, 30, 26), 2, 2).astype(np.float32)
+    ref = [m for m in _get_segments_felzenszwalb(np.moveaxis(image, 0, -1)) if m.any()]
+    ours = felzenszwalb_regions(image).masks.toarray().astype(bool).reshape(-1, 30, 26)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a, b)
+    # and the whole method with automatic segments agrees with PAIR's
+    attr = _smooth((3, 30, 26), 3, 3)
+    ref_map, ref_ranks = _pair_xrai(image, attr, ref, "full", 1.0)  # PAIR's own segments, as above
+    model = tm.classifier(2, in_channels=3).eval()
+    out = voxplain.explain_detailed(model, torch.tensor(image[None]), 0, methods=[XRAI(base_attribution=attr)])
+    np.testing.assert_array_equal(out.extras["xrai"]["ranks"][0].numpy(), ref_ranks)
+    assert np.abs(out.maps["xrai"][0, 0].numpy() - ref_map).max() <= 1e-3 * np.abs(ref_map).max()
+
+
+def test_xrai_default_base_is_ig_over_min_and_max_baselines():
+    model = smooth_classifier(2, in_channels=2)
+    x = torch.tensor(_smooth((2, 2, 16, 16), 1.5, 4), dtype=torch.float32)
+    labels = np.arange(16)[:, None] // 4 * 4 + np.arange(16)[None] // 4  # 16 blocks of 4x4
+    options = {"segments": labels, "min_pixel_diff": 1, "steps": 12}
+    default = voxplain.explain(model, x, 1, methods=["xrai"], options={"xrai": options})["xrai"]
+    ig = {b: voxplain.explain(model, x, 1, methods=["integrated_gradients"],
+                              options={"integrated_gradients": {"baseline": b, "steps": 12}})["integrated_gradients"]
+          for b in ("min", "max")}
+    given = voxplain.explain(model, x, 1, methods=["xrai"],
+                             options={"xrai": {**options, "base_attribution": (ig["min"] + ig["max"]) / 2}})["xrai"]
+    torch.testing.assert_close(default, given)
+    # a registered method as base
+    grads = voxplain.explain(model, x, 1, methods=["vanilla_gradient"])["vanilla_gradient"]
+    by_name = voxplain.explain(model, x, 1, methods=["xrai"],
+                               options={"xrai": {**options, "base": "vanilla_gradient"}})["xrai"]
+    from_map = voxplain.explain(model, x, 1, methods=["xrai"],
+                                options={"xrai": {**options, "base_attribution": grads}})["xrai"]
+    torch.testing.assert_close(by_name, from_map)
+
+
+def test_xrai_3d_regions_tile_the_volume_with_decreasing_density():
+    net = tm.segnet(3, in_channels=2).eval()
+    x = torch.tensor(_smooth((2, 2, 16, 16, 16), 1.5, 5), dtype=torch.float32)
+    method = XRAI(steps=6, segment_size=16, n_segments=(8, 16, 32), dilation_radius=1, min_pixel_diff=10)
+    out = voxplain.explain_detailed(net, x, voxplain.SegmentationTarget(1), methods=[method])
+    xmap, extras = out.maps["xrai"], out.extras["xrai"]
+    assert xmap.shape == (2, 1, 16, 16, 16)
+    for i in range(2):
+        ranks, gains = extras["ranks"][i], extras["gains"][i]
+        assert ranks.min() == 1 and set(ranks.unique().tolist()) == set(range(1, len(gains) + 1))
+        assert len(gains) > 3
+        # the greedy regions come in decreasing density; a leftover region (if any) comes last
+        ranked = gains[:-1]
+        assert bool((ranked[:-1] >= ranked[1:]).all())
+        # each voxel carries the density of its region
+        expected = gains.to(torch.float32)[ranks - 1]
+        torch.testing.assert_close(xmap[i, 0], expected)
+    # samples are explained independently
+    alone = voxplain.explain(net, x[1:], voxplain.SegmentationTarget(1), methods=[method])["xrai"]
+    torch.testing.assert_close(alone[0], xmap[1])
+
+
+def test_xrai_bad_options():
+    model = tm.classifier(2).eval()
+    x = torch.randn(1, 2, 12, 12)
+    with pytest.raises(ValueError, match="spatial shape"):
+        XRAI(segments=np.zeros((12, 11), dtype=int), base_attribution=torch.zeros(1, 2, 12, 12))(model, x)
+    with pytest.raises(ValueError, match="spatial shape"):
+        XRAI(segments=[np.ones((12, 12), bool), np.ones((11, 12), bool)])(model, x)
+    with pytest.raises(ValueError, match="base_attribution"):
+        XRAI(segments=np.zeros((12, 12), dtype=int), base_attribution=torch.zeros(3, 12, 12))(model, x)
+    with pytest.raises(ValueError, match="algorithm"):
+        XRAI(algorithm="greedy")
+    with pytest.raises(ValueError, match="area_threshold"):
+        XRAI(area_threshold=0)
+    with pytest.raises(ValueError, match="1D"):
+        XRAI(base_attribution=torch.zeros(1, 2, 16))(tm.classifier(1).eval(), torch.randn(1, 2, 16))
+    with pytest.raises(ValueError, match="unknown option"):
+        voxplain.create_method("xrai", {"window": 3})
