@@ -79,39 +79,45 @@ def guided_integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zer
     bar = engine.progress_bar(steps, "guided_ig")
     try:
         for step in range(steps):
-            grad_actual = engine.gradients(x.to(run.x.dtype).view(shape), run.target,
-                                           run.sample_index).inputs.to(torch.float64).flatten(1)
-            grad = grad_actual.clone()
+            grad = engine.gradients(x.to(run.x.dtype).view(shape), run.target,
+                                    run.sample_index).inputs.to(torch.float64).flatten(1)
             alpha = (step + 1.0) / steps
             alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
             x_min = x_base + diff * alpha_min
             x_max = x_base + diff * alpha_max
             l1_target = l1_total * (1 - (step + 1) / steps)
-            active = live.clone()
-            while bool(active.any()):
-                rows = active[:, None]
-                x_old = x.clone()
-                # Features whose alpha fell behind alpha_min catch up to it.
-                x_alpha = torch.where(moving, (x - x_base) / torch.where(moving, diff, 1.0), alpha_max)
-                x = torch.where(rows & (x_alpha < alpha_min), x_min, x)
+            x_start = x
+            # Features whose alpha fell behind alpha_min catch up to it. Later
+            # iterations of this step only move features forward, so once is enough.
+            x_alpha = torch.where(moving, (x - x_base) / torch.where(moving, diff, 1.0), alpha_max)
+            x = torch.where(live[:, None] & (x_alpha < alpha_min), x_min, x)
+            del x_alpha
+            # |gradient| of the features still free to move; inf marks those that are not.
+            magnitude = grad.abs()
+            active = live
+            while True:
                 l1_current = (x - x_in).abs().sum(dim=1)
-                done = active & _isclose(l1_target, l1_current)
-                going = active & ~done
-                # Features already at x_max cannot move further this step.
-                grad = torch.where(x == x_max, inf, grad)
-                magnitude = grad.abs()
+                going = active & ~_isclose(l1_target, l1_current)
+                if not bool(going.any()):
+                    break
+                # Move the fraction of free features with the smallest |gradient| toward x_max.
+                magnitude = torch.where(x == x_max, inf, magnitude)
                 threshold = magnitude.kthvalue(kth, dim=1).values
-                selected = going[:, None] & (magnitude <= threshold[:, None]) & (grad != inf)
+                selected = going[:, None] & (magnitude <= threshold[:, None]) & (magnitude != inf)
                 l1_selected = ((x - x_max).abs() * selected).sum(dim=1)
                 gamma = torch.where(l1_selected > 0, (l1_current - l1_target) / l1_selected.clamp_min(1e-300),
                                     inf)
-                jump = gamma > 1.0  # the selected features alone cannot close the gap: move them fully
-                x = torch.where(selected & jump[:, None], x_max, x)
-                partial = torch.where(jump, 0.0, gamma)[:, None]
-                x = torch.where(selected & ~jump[:, None], x + (x_max - x) * partial, x)
-                attr += (x - x_old) * grad_actual * active[:, None]
+                # gamma > 1: the selected features alone cannot close the gap, so they go
+                # all the way to x_max and the next fraction is selected; else part way.
+                jump = gamma > 1.0
+                partial = x + (x_max - x) * torch.where(jump, 0.0, gamma)[:, None]
+                x = torch.where(selected, torch.where(jump[:, None], x_max, partial), x)
                 # The reference loops forever when nothing is left to move; stop instead.
                 active = going & jump & (l1_selected > 0)
+                if not bool(active.any()):
+                    break
+            # The gradient is fixed within a step, so the step's moves add up to one product.
+            attr += (x - x_start) * grad
             bar.update(1)
     finally:
         bar.close()
