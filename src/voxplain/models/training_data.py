@@ -19,8 +19,6 @@ from torch.utils.data import Dataset
 
 __all__ = ["TrainingData", "InMemoryDataset", "load_training_data", "parse_size"]
 
-MODALITIES = ["t1", "t1ce", "t2", "flair"]
-REGIONS = ["ET", "TC", "WT"]
 
 
 class InMemoryDataset(Dataset):
@@ -119,7 +117,7 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
 
         size2 = parse_size(size, 2)
         dataset = SliceDataset(root, size=size2) if size2 is not None else SliceDataset(root)
-        kind, channel_names = "cohort-slices", list(getattr(dataset, "modalities", MODALITIES))
+        kind, channel_names = "cohort-slices", list(dataset.modalities)
         class_names = list(getattr(dataset, "class_names", ["no tumour", "tumour"]))
         prep.update(normalise="zscore per modality over brain voxels", slice_axis="axial", size=size2)
     elif cohort:
@@ -130,7 +128,7 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
         if size3 is None and resolution is not None:
             size3 = tuple(default_crop_size(resolution))
         dataset = BratsCohortDataset(root, task="grade" if task == "classify" else "segment", size=size3)
-        channel_names = list(getattr(dataset, "modalities", MODALITIES))
+        channel_names = list(dataset.modalities)
         kind = "cohort-grade" if task == "classify" else "cohort-regions"
         class_names = list(getattr(dataset, "class_names", ["LGG", "HGG"])) if task == "classify" else None
         prep.update(normalise="zscore per modality over brain voxels", crop_or_pad=size3, orientation="RAS")
@@ -159,5 +157,5 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
     val = InMemoryDataset([items[i] for i in val_idx]) if val_idx else None
     return TrainingData(train=train, val=val, kind=kind, input_size=tuple(items[0][0].shape[1:]),
                         channel_names=channel_names, class_names=class_names,
-                        region_names=list(getattr(dataset, "region_names", REGIONS)) if task == "segment" else None,
+                        region_names=list(dataset.region_names) if task == "segment" else None,
                         preprocessing=prep)

@@ -1,0 +1,101 @@
+"""The training loop: seeded, learns an easy problem, history and callbacks, both tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from voxplain.models import build_model, train
+from voxplain.models.training import dice_per_case, labels_to_region_channels
+from voxplain.models.training_data import parse_size
+
+
+def _bright_square_data(n=24, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g) * 0.5
+    y = torch.arange(n) % 2
+    x[y == 1, :, 4:10, 4:10] += 2.0
+    return TensorDataset(x, y)
+
+
+def _labels_volume(n=4, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.zeros(n, size, size, size, dtype=torch.long)
+    lab[:, 3:9, 3:9, 3:9] = 2
+    lab[:, 5:7, 5:7, 5:7] = 4
+    lab[::2, 4, 4, 4] = 1
+    x = torch.randn(n, 4, size, size, size, generator=g) + (lab > 0).float()[:, None]
+    return TensorDataset(x, lab)
+
+
+def test_classify_learns_and_history():
+    ds = _bright_square_data()
+    seen = []
+    torch.manual_seed(0)
+    model = build_model("cnn2d", blocks=3, base_width=8, image_size=16)
+    history = train(model, ds, ds, epochs=6, batch_size=8, lr=1e-2, seed=0, progress=False,
+                    on_epoch_end=seen.append, keep="best")
+    assert [r["epoch"] for r in history] == list(range(1, 7)) and len(seen) == 6
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "kept"} <= set(history[0])
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    kept = [r for r in history if r["kept"]]
+    assert len(kept) == 1 and kept[0]["val_accuracy"] == max(r["val_accuracy"] for r in history)
+    assert kept[0]["val_accuracy"] >= 0.9
+    assert not model.training and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_training_is_seeded():
+    ds = _bright_square_data()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        model = build_model("cnn2d", blocks=3, base_width=4, image_size=16)
+        history = train(model, ds, None, epochs=2, batch_size=5, seed=seed, progress=False)
+        return [r["train_loss"] for r in history], model.state_dict()
+
+    (loss_a, state_a), (loss_b, state_b), (loss_c, _) = run(1), run(1), run(2)
+    assert loss_a == loss_b and loss_a != loss_c
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_segment_regions_from_label_maps():
+    ds = _labels_volume()
+    torch.manual_seed(0)
+    model = build_model("unet3d", channels=[4, 8])
+    history = train(model, ds, ds, task="segment", epochs=2, batch_size=2, lr=1e-2, progress=False)
+    rec = history[-1]
+    for key in ("val_dice_ET", "val_dice_TC", "val_dice_WT", "val_dice_mean", "train_loss", "val_loss"):
+        assert 0 <= rec[key] and (rec[key] <= 1 or "loss" in key)
+    assert rec["kept"]
+
+
+def test_segment_output_channels_must_match_regions():
+    model = build_model("unet3d", channels=[4, 8], out_channels=2)
+    with pytest.raises(ValueError, match="3 output channels \\(TC, WT, ET\\)"):
+        train(model, _labels_volume(), task="segment", epochs=1, batch_size=2, progress=False)
+
+
+def test_bad_arguments():
+    model = build_model("cnn2d")
+    with pytest.raises(ValueError, match="task must be one of"):
+        train(model, _bright_square_data(), task="regress")
+    with pytest.raises(ValueError, match="keep must be"):
+        train(model, _bright_square_data(), keep="last")
+    with pytest.raises(ValueError, match="training set is empty"):
+        train(model, TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0)), progress=False)
+
+
+def test_region_channels_and_dice():
+    lab = torch.tensor([[0, 1, 2, 4]])
+    regions = labels_to_region_channels(lab, ["ET", "TC", "WT"])
+    assert regions.tolist() == [[[0, 0, 0, 1], [0, 1, 0, 1], [0, 1, 1, 1]]]
+    pred = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 0]]])
+    true = torch.tensor([[[1, 0, 0, 0], [0, 0, 0, 0]]])
+    torch.testing.assert_close(dice_per_case(pred, true), torch.tensor([[2 / 3, 1.0]]))
+
+
+def test_parse_size():
+    assert parse_size("64", 2) == (64, 64) and parse_size("48,56,40", 3) == (48, 56, 40)
+    with pytest.raises(ValueError, match="1 or 3 positive sides"):
+        parse_size("4,4", 3)
