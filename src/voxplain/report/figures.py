@@ -35,19 +35,22 @@ class GridRow:
     image: np.ndarray
     channels: list[str]
     maps: dict[str, np.ndarray]
+    ras_plane: bool = False
 
 
 def study_rows(study: Study) -> list[GridRow]:
     """One grid row per target of ``study``."""
     return [GridRow(f"{study.name}: {target}" if len(study.maps) > 1 else study.name,
-                    study.image, study.channels, maps)
+                    study.image, study.channels, maps, study.ras_plane)
             for target, maps in study.maps.items()]
 
 
-def _slice(array: np.ndarray, z: int | None) -> np.ndarray:
+def _slice(array: np.ndarray, z: int | None, ras_plane: bool = False) -> np.ndarray:
     """A 2D panel to draw with ``imshow(origin='upper')``."""
     if array.ndim == 3:  # (X, Y, Z) RAS: axial slice, y up
         return array[:, :, z].T[::-1]
+    if ras_plane:  # (X, Y) RAS plane
+        return array.T[::-1]
     return array
 
 
@@ -79,7 +82,7 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
             ax.set_yticks([])
             ax.set_frame_on(False)
         for c, name in enumerate(row.channels):
-            axes[i, c].imshow(_slice(display_image(row.image[c]), z), cmap="gray", vmin=0, vmax=1)
+            axes[i, c].imshow(_slice(display_image(row.image[c]), z, row.ras_plane), cmap="gray", vmin=0, vmax=1)
             if i == 0:
                 axes[i, c].set_title(name, fontsize=9)
         for j, m in enumerate(methods):
@@ -87,7 +90,7 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
             if i == 0:
                 ax.set_title(m.replace("_", " "), fontsize=9)
             if m in shown:
-                ax.imshow(_slice(shown[m], z), cmap=MAP_CMAP, vmin=0, vmax=1)
+                ax.imshow(_slice(shown[m], z, row.ras_plane), cmap=MAP_CMAP, vmin=0, vmax=1)
         label = row.label + (f"\naxial z={z}" if z is not None else "")
         axes[i, 0].set_ylabel(label, fontsize=8)
     if title:
@@ -101,7 +104,7 @@ def _panel_grid(n: int) -> tuple[int, int]:
 
 
 def inspection_grid(path: str | os.PathLike, image, layers: dict[str, np.ndarray], channel: int = -1,
-                    title: str | None = None) -> None:
+                    title: str | None = None, ras_plane: bool = False) -> None:
     """Grad-CAM of every layer in network order over the input (NeuroXAI Fig. 5).
 
     ``image`` (C, *spatial); ``layers`` maps a layer name to its upsampled CAM (1, *spatial).
@@ -118,11 +121,11 @@ def inspection_grid(path: str | os.PathLike, image, layers: dict[str, np.ndarray
     fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols, _CELL * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    axes.flat[0].imshow(_slice(base, z), cmap="gray", vmin=0, vmax=1)
+    axes.flat[0].imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1)
     axes.flat[0].set_title("input", fontsize=8)
     for ax, (name, cam) in zip(axes.flat[1:], cams.items()):
-        ax.imshow(_slice(base, z), cmap="gray", vmin=0, vmax=1)
-        ax.imshow(_slice(cam, z), cmap="jet", vmin=0, vmax=1, alpha=0.5)
+        ax.imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(_slice(cam, z, ras_plane), cmap="jet", vmin=0, vmax=1, alpha=0.5)
         ax.set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)

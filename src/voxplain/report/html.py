@@ -35,17 +35,18 @@ def _pack(values: np.ndarray) -> str:
     return base64.b64encode(zlib.compress(quantise(values).tobytes(order="C"), 9)).decode("ascii")
 
 
-def _as_volume(a: np.ndarray) -> np.ndarray:
-    """(H, W) image -> (W, H, 1) in the viewer's (x right, y up, z) order; volumes unchanged."""
+def _as_volume(a: np.ndarray, ras_plane: bool = False) -> np.ndarray:
+    """(H, W) image -> (W, H, 1) in the viewer's (x right, y up, z) order; a RAS (X, Y) plane -> (X, Y, 1);
+    volumes unchanged."""
     if a.ndim == 2:
-        return np.ascontiguousarray(a[::-1].T[:, :, None])
+        return np.ascontiguousarray(a[:, :, None] if ras_plane else a[::-1].T[:, :, None])
     return a
 
 
 def _study_payload(study: Study, max_voxels: int) -> dict[str, Any]:
     images, factor, dims = [], 1, []
     for c in range(study.image.shape[0]):
-        vol, factor = downsample(_as_volume(display_image(study.image[c])), max_voxels)
+        vol, factor = downsample(_as_volume(display_image(study.image[c]), study.ras_plane), max_voxels)
         images.append(_pack(vol))
         dims = list(vol.shape)
     overlays: dict[str, dict[str, Any]] = {}
@@ -54,12 +55,15 @@ def _study_payload(study: Study, max_voxels: int) -> dict[str, Any]:
         overlays[target] = {}
         for method, m in per_method.items():
             shown, vmax = display_map(m)
-            shown = _as_volume(shown)
+            shown = _as_volume(shown, study.ras_plane)
             focus_total = shown if focus_total is None else focus_total + shown
             vol, _ = downsample(shown, max_voxels)
             info = f"{target}, {method}: |map| summed over {m.shape[0]} channel(s), scaled to its 99th percentile"
             overlays[target][method] = {"data": _pack(vol), "vmax": vmax, "info": info}
-    spacing = list(study.spacing) if study.is_volume else [study.spacing[1], study.spacing[0], 1.0]
+    if study.is_volume or study.ras_plane:
+        spacing = [*study.spacing, 1.0][:3]
+    else:
+        spacing = [study.spacing[1], study.spacing[0], 1.0]
     focus = None
     if focus_total is not None and focus_total.any():
         small, _ = downsample(focus_total, max_voxels)

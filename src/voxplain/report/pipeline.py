@@ -67,15 +67,17 @@ def _multiple(model: nn.Module) -> int:
     return 1
 
 
-def prepare_case(case: Case, model: nn.Module, config: dict | None = None, normalise: bool = True) -> Prepared:
+def prepare_case(case: Case, model: nn.Module, config: dict | None = None, normalise: bool = True,
+                 size: Sequence[int] | None = None, centre: Sequence[float] | None = None) -> Prepared:
     """Normalise a case like the model's training data and fit its grid to the model.
 
     Volumes: z-score per modality over non-zero voxels; cropped or padded to the
     checkpoint's ``input_size`` around the foreground, else zero-padded to the
     size multiple a U-Net needs. 2D images: values in [0, 1]; resized to the
-    checkpoint's ``input_size`` if it has one.
+    checkpoint's ``input_size`` if it has one. ``size`` and ``centre`` (voxels)
+    override the volume crop (e.g. a small box around a tumour).
     """
-    from ..data.preprocess import crop_box, crop_or_pad, zscore_nonzero
+    from ..data.preprocess import crop_box, crop_or_pad, foreground_centre, zscore_nonzero
 
     config = config or {}
     image = case.image
@@ -83,12 +85,15 @@ def prepare_case(case: Case, model: nn.Module, config: dict | None = None, norma
     if case.is_volume and normalise:
         image = zscore_nonzero(image)
         notes["normalise"] = "z-score per channel over non-zero voxels"
-    size = config.get("input_size")
+    size = size if size is not None else config.get("input_size")
     to_scan = None
     if case.is_volume:
         spatial = image.shape[1:]
         if size is not None and len(size) == 3:
-            image, box = crop_or_pad(image, size, centre="foreground", return_box=True)
+            # the centre of the raw scan's foreground, as the training datasets crop
+            if centre is None:
+                centre = foreground_centre(case.image)
+            image, box = crop_or_pad(image, size, centre=centre, return_box=True)
             notes["crop_or_pad"] = list(size)
         else:
             k = _multiple(model)
@@ -176,11 +181,12 @@ def _forward(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
 def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, methods: Sequence[str],
                  options: dict | None = None, device=None, seed: int = 0, progress: bool = False,
                  batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
-                 normalise: bool = True, name: str | None = None) -> tuple[Study, ScanSpace | None]:
+                 normalise: bool = True, name: str | None = None, size: Sequence[int] | None = None,
+                 centre: Sequence[float] | None = None) -> tuple[Study, ScanSpace | None]:
     """Explain one case with every method for every target; returns the study and where its maps go."""
     from ..explain import explain_detailed
 
-    prepared = prepare_case(case, loaded.model, loaded.config, normalise)
+    prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre)
     output = _forward(loaded.model, prepared.x, device)
     targets = parse_targets(task, target_spec, output, loaded.config, region)
     class_names = _names_for(loaded.config, task)

@@ -26,6 +26,8 @@ class Study:
         settings: how the maps were made: per-method options and seconds, target, model...
         spacing: voxel size per spatial axis (mm), for the viewer's aspect ratio.
         layers: optional network inspection: layer name -> Grad-CAM map (1, *spatial).
+        ras_plane: a 2D input that is a slice of a RAS volume, (C, X, Y): shown with
+            x to the right and y up instead of as rows and columns.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Study:
     settings: dict[str, Any] = field(default_factory=dict)
     spacing: tuple[float, ...] | None = None
     layers: dict[str, Any] = field(default_factory=dict)
+    ras_plane: bool = False
 
     def __post_init__(self) -> None:
         self.image = as_numpy(self.image)

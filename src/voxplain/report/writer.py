@@ -80,7 +80,7 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
         if study.layers:
             rel = f"figures/inspection_{slug(study.name)}.png"
             inspection_grid(folder / rel, study.image, study.layers,
-                            title=f"Grad-CAM layer by layer: {study.name}")
+                            title=f"Grad-CAM layer by layer: {study.name}", ras_plane=study.ras_plane)
             shown.append((f"Network inspection: {study.name}", rel))
             entry["figures"].append(rel)
         summary_studies.append(entry)

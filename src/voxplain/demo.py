@@ -1,0 +1,193 @@
+"""``voxplain demo``: NeuroXAI's and CXAI's showcases on a synthetic subject with the shipped models.
+
+Nothing is downloaded: the subject comes from :func:`voxplain.data.phantom.generate_cohort`
+and the three small models are checkpoints in ``voxplain/assets/models`` (how they
+were trained: ``voxplain/assets/models/README.md``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_dir
+from .explain import DEFAULT_METHODS
+
+__all__ = ["run_demo", "PRESETS", "DemoPreset", "CXAI_METHODS", "NEUROXAI_METHODS", "demo_model_path"]
+
+NEUROXAI_METHODS = DEFAULT_METHODS
+#: CXAI's stage 2, on the 2D slice model
+CXAI_METHODS = ("xrai", "blur_ig", "guided_ig", "vanilla_gradient", "integrated_gradients", "smoothgrad_ig")
+MODELS = {"grade": "demo-grade", "segment": "demo-unet", "slices": "demo-slices"}
+
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """How big and how thorough the demo is.
+
+    ``crop``: the 3D models see a box of this many voxels around the tumour
+    (``None``: the models' own input size around the brain). ``options3d`` /
+    ``options2d``: method options for the volume and slice showcases.
+    """
+
+    crop: tuple[int, int, int] | None
+    options3d: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options2d: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resolution: int = 3
+
+
+PRESETS: dict[str, DemoPreset] = {
+    "tiny": DemoPreset(
+        crop=(24, 24, 24),
+        options3d={"integrated_gradients": {"steps": 4}, "guided_ig": {"steps": 4}, "smoothgrad": {"samples": 2}},
+        options2d={"xrai": {"steps": 4}, "blur_ig": {"steps": 4}, "guided_ig": {"steps": 4},
+                   "integrated_gradients": {"steps": 4},
+                   "smoothgrad_ig": {"samples": 2, "base_options": {"steps": 4}}},
+    ),
+    "default": DemoPreset(
+        crop=None,
+        options3d={"integrated_gradients": {"steps": 16}, "guided_ig": {"steps": 16}, "smoothgrad": {"samples": 8}},
+        options2d={"xrai": {"steps": 32}, "blur_ig": {"steps": 32}, "guided_ig": {"steps": 32},
+                   "integrated_gradients": {"steps": 32},
+                   "smoothgrad_ig": {"samples": 8, "base_options": {"steps": 16}}},
+    ),
+}
+
+
+def demo_model_path(name: str) -> Path:
+    """Folder of a shipped demo checkpoint (``demo-grade``, ``demo-unet``, ``demo-slices``)."""
+    path = Path(str(resources.files("voxplain").joinpath("assets", "models", name)))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped demo model {name} is missing at {path}; reinstall voxplain")
+    return path
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def _tumour_centre(seg: np.ndarray) -> tuple[float, ...]:
+    where = np.argwhere(seg > 0)
+    if not len(where):
+        return tuple((n - 1) / 2 for n in seg.shape)
+    return tuple(float(c) for c in where.mean(axis=0))
+
+
+def _slice_case(case, config: dict):
+    """The axial slice with the most tumour, normalised and cropped like the slice model's training data."""
+    from .data.preprocess import crop_or_pad, foreground_centre, zscore_nonzero
+    from .report.inputs import Case
+
+    z = int(np.argmax((case.seg > 0).sum(axis=(0, 1))))
+    plane = zscore_nonzero(case.image)[..., z]
+    size = tuple(config.get("input_size") or plane.shape[1:])
+    centre = foreground_centre(case.image)[:2]
+    image = crop_or_pad(plane, size, centre=centre)
+    return Case(f"{case.name} axial slice z={z}", np.ascontiguousarray(image), list(case.channels)), z
+
+
+def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", seed: int = 0, device=None,
+             progress: bool = True) -> Path:
+    """Run the four showcases and write the report folder ``out`` (replaced only when complete)."""
+    from .data.brats import load_brats_case
+    from .data.phantom import generate_cohort
+    from .methods.gradcam import gradcam_per_layer
+    from .report.inputs import Case
+    import torch
+
+    from .report.pipeline import _forward, explain_case, load_model_spec, parse_targets
+    from .report.writer import write_report
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    models = {key: load_model_spec(str(demo_model_path(name))) for key, name in MODELS.items()}
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with atomic_dir(out) as tmp:
+        _say(progress, f"demo ({preset}): generating a synthetic subject ...")
+        t = time.perf_counter()
+        generate_cohort(tmp / "input", subjects=1, seed=seed, resolution=p.resolution)
+        loaded_case = load_brats_case(next(d for d in sorted((tmp / "input").iterdir()) if d.is_dir()))
+        case = Case(loaded_case.name, loaded_case.image, list(loaded_case.modalities), loaded_case.meta,
+                    loaded_case.seg)
+        timings["subject"] = time.perf_counter() - t
+        centre = _tumour_centre(case.seg) if p.crop is not None else None
+        common = dict(device=device, seed=seed, progress=progress)
+
+        _say(progress, "demo: 1/4 glioma grade, 3D classifier, NeuroXAI's seven methods ...")
+        t = time.perf_counter()
+        grade, grade_scan = explain_case(models["grade"], case, "classify", "predicted", NEUROXAI_METHODS,
+                                         p.options3d, name="Glioma grade (3D classifier)", size=p.crop,
+                                         centre=centre, **common)
+        grade.prediction["true_grade"] = _true_grade(tmp / "input", case.name)
+        timings["grade"] = time.perf_counter() - t
+
+        _say(progress, "demo: 2/4 ET/TC/WT segmentation, 3D U-Net, seven methods per region ...")
+        t = time.perf_counter()
+        seg, seg_scan = explain_case(models["segment"], case, "segment", "all", NEUROXAI_METHODS, p.options3d,
+                                     name="Sub-region segmentation (3D U-Net)", size=p.crop, centre=centre,
+                                     **common)
+        timings["segmentation"] = time.perf_counter() - t
+
+        _say(progress, "demo: 3/4 network inspection, Grad-CAM at every conv layer of the U-Net ...")
+        t = time.perf_counter()
+        x = torch.from_numpy(seg.image)[None]
+        targets = dict(parse_targets("segment", "all", _forward(models["segment"].model, x, device),
+                                     models["segment"].config))
+        label = "WT" if "WT" in targets else next(iter(targets))
+        cams = gradcam_per_layer(models["segment"].model, x, targets[label], device=device)
+        seg.layers = {name: cam[0].numpy() for name, cam in cams.items()}
+        seg.settings["inspection"] = {"target": label, "layers": list(cams)}
+        timings["inspection"] = time.perf_counter() - t
+
+        _say(progress, "demo: 4/4 tumour vs no tumour, 2D slice CNN, CXAI's stage 2 ...")
+        t = time.perf_counter()
+        slice_case, z = _slice_case(case, models["slices"].config)
+        tumour = models["slices"].config.get("class_names", ["no tumour", "tumour"])
+        target = str(tumour.index("tumour")) if "tumour" in tumour else "predicted"
+        slices, _ = explain_case(models["slices"], slice_case, "classify", target, CXAI_METHODS, p.options2d,
+                                 name="Tumour vs no tumour (2D slice CNN)", normalise=False, **common)
+        slices.settings["slice"] = {"axis": "axial", "index": z}
+        slices.ras_plane = True  # a (C, X, Y) plane of the RAS volume
+        timings["slices"] = time.perf_counter() - t
+
+        settings = {"command": "voxplain demo", "preset": preset, "seed": seed, "device": str(device or "cpu"),
+                    "subject": {"generator": "voxplain.data.phantom.generate_cohort", "resolution_mm": p.resolution,
+                                "files": f"input/{case.name}/"},
+                    "crop": list(p.crop) if p.crop else "models' input size around the brain",
+                    "models": {k: str(MODELS[k]) for k in MODELS}, "options3d": p.options3d,
+                    "options2d": p.options2d}
+        t = time.perf_counter()
+        _say(progress, "demo: writing the report ...")
+        write_report(tmp, [grade, seg, slices], settings=settings,
+                     scans={grade.name: grade_scan, seg.name: seg_scan}, title="voxplain demo")
+        timings["report"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - started
+        _write_timings(tmp / "timings.json", timings)
+    return out
+
+
+def _true_grade(root: Path, name: str) -> str | None:
+    from .data.brats import read_subjects_table
+
+    try:
+        return read_subjects_table(root).get(name, {}).get("grade")
+    except (OSError, ValueError):
+        return None
+
+
+def _write_timings(path: Path, timings: dict[str, float]) -> None:
+    from .report.summary import write_json
+
+    write_json(path, {k: round(v, 2) for k, v in timings.items()})
