@@ -116,7 +116,20 @@ def _irregular_distance(offsets: np.ndarray, radius_vox: float, axes: np.ndarray
     """Normalised distance (< 1 inside) from the centre of a rotated ellipsoid with a noisy border."""
     local = np.tensordot(rotation.T, offsets, axes=1) / axes.reshape(3, 1, 1, 1)
     dist = np.sqrt((local ** 2).sum(axis=0)) / radius_vox
-    return dist * (1.0 + roughness * noise)
+    # clipped so that the border stays within about 0.5-1.8 radii: one blob, no far islands
+    return dist * (1.0 + roughness * np.clip(noise, -1.5, 1.5))
+
+
+def _component_at(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The connected components of ``mask`` that touch ``seed`` (all of ``mask`` if none does)."""
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    touching = np.unique(labels[seed & mask])
+    touching = touching[touching > 0]
+    if touching.size == 0:
+        touching = [np.argmax(np.bincount(labels.ravel())[1:]) + 1]
+    return np.isin(labels, touching)
 
 
 def tumour_labels(shape, centre, spacing: float, rng: np.random.Generator, grade: str,
@@ -124,7 +137,7 @@ def tumour_labels(shape, centre, spacing: float, rng: np.random.Generator, grade
     """BraTS labels (uint8, 0/1/2/4) of one tumour centred at ``centre`` (voxels).
 
     Nested irregular blobs: the whole tumour (radius ``wt_radius_mm``) holds a core
-    (0.35-0.7 of it); for ``grade="HGG"`` the core is an enhancing rim (label 4)
+    (0.45-0.8 of its radius); for ``grade="HGG"`` the core is an enhancing rim (label 4)
     around a necrotic centre (label 1), for ``"LGG"`` it is non-enhancing (label 1).
     The rest of the whole tumour is oedema (label 2). Labels are kept only where
     ``allowed`` (bool, e.g. brain without ventricles).
@@ -148,12 +161,14 @@ def tumour_labels(shape, centre, spacing: float, rng: np.random.Generator, grade
 
     allowed_box = allowed[box]
     whole = region(wt_radius_mm, rng.uniform(0.2, 0.35), rng.uniform(4.0, 8.0)) & allowed_box
-    core_radius = wt_radius_mm * rng.uniform(0.35, 0.7)
+    core_radius = wt_radius_mm * rng.uniform(0.45, 0.8)
     core = region(core_radius, rng.uniform(0.15, 0.3), rng.uniform(3.0, 6.0)) & allowed_box
+    whole = _component_at(whole | core, core)
+    core &= whole
     sub = np.where(whole | core, 2, 0).astype(np.uint8)
     if grade == "HGG":
         # the rim must stay at least ~1.5 voxels thick to survive at coarse resolutions
-        necrosis_radius = min(core_radius * rng.uniform(0.3, 0.7), core_radius - 1.5 * spacing)
+        necrosis_radius = min(core_radius * rng.uniform(0.5, 0.8), core_radius - 1.5 * spacing)
         necrosis = region(max(necrosis_radius, 0.5 * spacing), rng.uniform(0.1, 0.3), rng.uniform(2.0, 5.0))
         sub[core] = 4
         sub[core & necrosis] = 1
