@@ -144,6 +144,14 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
     if len(dataset) == 0:
         raise ValueError(f"no samples found in {root}")
     items = _materialise(dataset, "loading", progress)
+    if cohort and prep.get("resolution_mm") is None:
+        prep["resolution_mm"] = round(float(sum(dataset.case(0).meta.zooms[:3])) / 3, 3) \
+            if hasattr(dataset, "case") else None
+    if slices:
+        prep["size"] = list(items[0][0].shape[1:])
+    if "crop_or_pad" in prep:
+        prep["crop_or_pad"] = list(items[0][0].shape[1:])
+        prep["crop_centre"] = "brain (non-zero voxels) centre"
     labels = [int(y) if y.ndim == 0 else 0 for _, y in items] if task == "classify" else [0] * len(items)
     if task == "classify" and len(set(labels)) < 2:
         raise ValueError(f"{root}: every sample has class {class_names[labels[0]] if class_names else labels[0]}; "

@@ -1,0 +1,110 @@
+"""`voxplain train` end to end on a tiny phantom cohort and a tiny image folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from voxplain.cli import main
+from voxplain.cli.train import PRESETS
+from voxplain.models import load_model, read_checkpoint_config
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from voxplain.data.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("cohort") / "phantom"
+    generate_cohort(root, subjects=4, seed=0, resolution=3, grades="HGG:0.5,LGG:0.5")
+    return root
+
+
+def _check_outputs(out, task, input_size):
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.json", "learning_curve.png", "model.pt"]
+    cfg = read_checkpoint_config(out)
+    assert cfg["task"] == task and cfg["input_size"] == list(input_size)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == cfg["training"]["epochs"] and history[0]["epoch"] == 1
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_model(out)
+    x = torch.randn(1, len(cfg["channel_names"]), *input_size)
+    with torch.no_grad():
+        return cfg, history, model(x)
+
+
+@pytest.mark.slow
+def test_train_segment_cli(cohort, tmp_path):
+    out = tmp_path / "unet"
+    rc = main(["train", "--task", "segment", "--data", str(cohort), "--out", str(out), "--epochs", "1",
+               "--batch-size", "2", "--size", "24", "--val-fraction", "0.25", "--quiet"])
+    assert rc == 0
+    cfg, history, y = _check_outputs(out, "segment", (24, 24, 24))
+    assert cfg["model"] == "unet3d" and cfg["region_names"] == ["TC", "WT", "ET"]
+    assert cfg["channel_names"] == ["t1", "t1ce", "t2", "flair"] and cfg["data"] == {
+        "path": str(cohort), "kind": "cohort-regions", "train": 3, "val": 1}
+    assert {"val_dice_TC", "val_dice_WT", "val_dice_ET"} <= set(history[0])
+    assert y.shape == (1, 3, 24, 24, 24)
+
+
+@pytest.mark.slow
+def test_train_grade_cli_is_deterministic(cohort, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert main(["train", "--data", str(cohort), "--out", str(out), "--model", "classifier3d", "--blocks", "2",
+                     "--epochs", "1", "--batch-size", "2", "--size", "16", "--val-fraction", "0.5",
+                     "--quiet"]) == 0
+    cfg, history, y = _check_outputs(outs[0], "classify", (16, 16, 16))
+    assert cfg["class_names"] == ["LGG", "HGG"] and y.shape == (1, 2)
+    assert {"train_accuracy", "val_accuracy"} <= set(history[0])
+    a, b = (torch.load(o / "model.pt", weights_only=True) for o in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_train_slices_cli(cohort, tmp_path):
+    out = tmp_path / "slices"
+    assert main(["train", "--data", str(cohort), "--slices", "--out", str(out), "--blocks", "3", "--epochs", "1",
+                 "--batch-size", "16", "--size", "16", "--quiet"]) == 0
+    cfg, _, y = _check_outputs(out, "classify", (16, 16))
+    assert cfg["model"] == "cnn2d" and cfg["class_names"] == ["no tumour", "tumour"] and y.shape == (1, 2)
+    assert cfg["model_config"]["blocks"] == 3
+
+
+def test_train_image_folder_cli(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(["normal", "pneumonia"]):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = (rng.random((20, 20)) * 100 + 120 * label).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
+    out = tmp_path / "cnn"
+    assert main(["train", "--data", str(tmp_path / "imgs"), "--out", str(out), "--blocks", "5", "--size", "16",
+                 "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.25", "--quiet"]) == 0
+    cfg, _, y = _check_outputs(out, "classify", (16, 16))
+    assert cfg["class_names"] == ["normal", "pneumonia"] and cfg["channel_names"] == ["grey"]
+    assert cfg["data"]["kind"] == "image-folder" and cfg["data"]["train"] == 6 and y.shape == (1, 2)
+
+
+def test_train_cli_user_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope is not a folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "empty"), "--task", "segment", "--out", str(tmp_path / "o")]) == 2
+    assert "segmentation needs a BraTS / phantom cohort" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "empty"), "--task", "segment", "--model", "cnn2d",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "does not fit task 'segment'" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "empty"), "--val-fraction", "1.5",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_presets_are_complete():
+    for name, preset in PRESETS.items():
+        assert {"task", "model", "epochs", "batch_size", "lr", "seed"} <= set(preset), name
