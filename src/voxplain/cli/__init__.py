@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "demo",
     "explain": "explain",
     "inspect": "inspect",
+    "evaluate": "evaluate",
+    "sweep": "sweep",
 }
 
 
