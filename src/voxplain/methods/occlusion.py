@@ -74,11 +74,11 @@ class Occlusion(Method):
     def _baseline(self, x: Tensor) -> Tensor:
         b = torch.as_tensor(self.baseline, dtype=x.dtype).to(x.device)
         try:
-            torch.broadcast_shapes(b.shape, x.shape)
+            # (torch.broadcast_shapes would import sympy: seconds on first use)
+            return b.expand(x.shape) if b.ndim <= x.ndim else b.view(x.shape)
         except RuntimeError:
             raise ValueError(f"occlusion baseline of shape {tuple(b.shape)} does not broadcast to the "
                              f"input's shape {tuple(x.shape)}") from None
-        return b.expand_as(x)
 
     def attribute(self, run: Run) -> Tensor:
         x = run.x

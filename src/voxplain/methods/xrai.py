@@ -172,8 +172,8 @@ class XRAI(Method):
         compactness: SLIC compactness (on the volume rescaled to [-1, 1]).
 
     ``explain_detailed`` exposes the ranked regions under ``extras["xrai"]``:
-    ``ranks`` ((B, *spatial) int, 1 = most important region) and ``gains`` (per
-    sample, the gain of each rank).
+    ``ranks`` ((B, *spatial) int, 1 = most important region), ``gains`` (per
+    sample, the gain of each rank) and ``base`` (the channel-reduced base map).
     """
 
     name = "xrai"
@@ -287,7 +287,8 @@ class XRAI(Method):
                 rank_work[voxels] = r + 1
             ranks.append(regions.expand(rank_work).reshape(spatial))
             gains.append(torch.tensor(result.gains, dtype=torch.float64))
-        self.last_extras = {"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains}
+        self.last_extras = {"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains,
+                            "base": torch.from_numpy(base).to(torch.float32)}
         out = torch.from_numpy(np.stack(maps)).to(device=x.device, dtype=x.dtype)
         return out.unsqueeze(1)
 

@@ -1,0 +1,306 @@
+"""Benchmark of CXAI's path and region methods: voxplain against PAIR ``saliency`` and Captum.
+
+Not a test: it times each method on both sides with the same options, compares
+the maps and prints one table.
+
+* 2D: a CXAI-style CNN (``cnn2d``, 5 blocks) on 1x3x224x224, class 1.
+* 3D: the zoo's MONAI U-Net (BatchNorm) on 1x4x64^3, segmentation class 1 pooled over
+  space (the references see the spatial mean of the output as a (B, K) "classifier").
+
+Rows: ``blur_ig`` vs PAIR ``BlurIG`` (2D only there); ``xrai`` vs PAIR ``XRAI`` (2D only),
+once end to end (both compute IG over min/max baselines and Felzenszwalb segments;
+PAIR's IG averages gradients at ``linspace(0, 1, steps)``, ours uses the trapezoid
+rule, so maps differ by the quadrature and the rank maps are compared too) and
+once with the same base attribution and segments (the region ranking alone,
+identical maps expected); ``smoothgrad_ig`` vs PAIR
+``IntegratedGradients().GetSmoothedMask`` (different noise: maps compared by
+correlation); ``occlusion`` vs Captum ``Occlusion``. In 3D the PAIR methods do not
+run, so only our time is shown, with XRAI split into base IG and regions.
+
+PAIR is given ``--pair-batch`` points per model call (its default is 1).
+
+Usage::
+
+    python benchmarks/bench_cxai.py                 # full options (slow on a CPU)
+    python benchmarks/bench_cxai.py --steps 20      # fewer path steps on both sides
+    python benchmarks/bench_cxai.py --models 2d --only xrai
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxplain import ClassTarget, SegmentationTarget, explain
+from voxplain.methods.xrai import XRAI
+from voxplain.models.zoo import build_model
+
+METHODS = ("blur_ig", "xrai", "xrai_regions", "smoothgrad_ig", "occlusion")
+
+
+class SpatialMean(nn.Module):
+    """A segmentation net seen as a classifier: the spatial mean of each class channel."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).flatten(2).mean(dim=2)
+
+
+@dataclass
+class Case:
+    name: str
+    dims: int
+    model: nn.Module
+    x: torch.Tensor
+    target: object
+    ref_model: nn.Module
+    cls: int
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _smooth_input(shape, seed: int) -> torch.Tensor:
+    """An image-like input: smoothed noise (Felzenszwalb / SLIC find structure in it)."""
+    from voxplain.methods.blur_ig import gaussian_blur
+
+    g = torch.Generator().manual_seed(seed)
+    x = gaussian_blur(torch.randn(shape, generator=g), 3.0)
+    return x / x.std()
+
+
+def make_cases(which: set[str], size2d: int, size3d: int) -> list[Case]:
+    torch.manual_seed(0)
+    cases = []
+    if "2d" in which:
+        model = _freeze(build_model("cnn2d", blocks=5, in_channels=3, num_classes=2, image_size=size2d))
+        cases.append(Case(f"cnn2d 1x3x{size2d}^2", 2, model, _smooth_input((1, 3, size2d, size2d), 0),
+                          ClassTarget(1), model, 1))
+    if "3d" in which:
+        model = _freeze(build_model("unet3d"))
+        g = torch.Generator().manual_seed(1)
+        for m in model.modules():  # untrained BatchNorm is the identity: give it statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        cases.append(Case(f"unet3d 1x4x{size3d}^3", 3, model, _smooth_input((1, 4, size3d, size3d, size3d), 1),
+                          SegmentationTarget(1), SpatialMean(model).eval(), 1))
+    return cases
+
+
+def pair_call(model: nn.Module, cls: int):
+    """PAIR's call_model_function: channels-last numpy batch in, input gradients out."""
+    from saliency.core.base import INPUT_OUTPUT_GRADIENTS
+
+    def call(batch, call_model_args=None, expected_keys=None):
+        x = torch.tensor(np.moveaxis(np.asarray(batch, dtype=np.float32), -1, 1), requires_grad=True)
+        (grad,) = torch.autograd.grad(model(x)[:, cls].sum(), x)
+        return {INPUT_OUTPUT_GRADIENTS: np.moveaxis(grad.numpy(), 1, -1)}
+
+    return call
+
+
+def channels_last(x: torch.Tensor) -> np.ndarray:
+    # float64, as PAIR is meant to run: in float32 its blur finite differences lose ~1e-2 relative
+    return np.moveaxis(x[0].numpy(), 0, -1).astype(np.float64)
+
+
+def from_channels_last(a: np.ndarray) -> torch.Tensor:
+    a = np.asarray(a, dtype=np.float32)
+    return torch.from_numpy(np.moveaxis(a, -1, 0) if a.ndim > 2 else a[None])[None]
+
+
+def timed(fn):
+    """(wall seconds, CPU seconds of all threads, result)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().reshape(b.shape), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double().flatten(), b.double().flatten()]))[0, 1])
+
+
+def ours(case: Case, method, options: dict | None = None):
+    name = method if isinstance(method, str) else method.name
+    return explain(case.model, case.x, case.target, methods=[method],
+                   options={name: options} if options else None)[name]
+
+
+def bench_case(case: Case, args) -> list[dict]:
+    rows = []
+    only = set(args.only.split(",")) if args.only else set(METHODS)
+
+    def row(method, ours_t, ref_t=None, ref_name="-", diff=None, note=""):
+        r = {"case": case.name, "method": method, "ours_wall": ours_t[0], "ours_cpu": ours_t[1],
+             "ref": ref_name, "ref_wall": None if ref_t is None else ref_t[0],
+             "ref_cpu": None if ref_t is None else ref_t[1], "diff": diff, "note": note}
+        rows.append(r)
+        print_row(r, flush=True)
+
+    blur = {"max_sigma": 50, "steps": args.steps, "grad_step": 0.01}
+    if "blur_ig" in only:
+        w, c, mine = timed(lambda: ours(case, "blur_ig", blur))
+        if case.dims == 2:
+            from saliency.core import BlurIG
+
+            rw, rc, ref = timed(lambda: BlurIG().GetMask(channels_last(case.x), pair_call(case.ref_model, case.cls),
+                                                         batch_size=args.pair_batch, **blur))
+            row("blur_ig", (w, c), (rw, rc), "PAIR BlurIG", f"max|d|/max|ref| {rel_diff(mine, from_channels_last(ref)):.1e}")
+        else:
+            row("blur_ig", (w, c), note="PAIR BlurIG is 2D only")
+
+    if "xrai" in only or "xrai_regions" in only:
+        from saliency.core import XRAI as PairXRAI, XRAIParameters
+
+        w, c, (mine, method) = timed(lambda: _ours_xrai(case, args.steps))
+        if case.dims == 2 and "xrai" in only:
+            params = XRAIParameters(steps=args.steps, return_xrai_segments=True)
+            rw, rc, ref = timed(lambda: PairXRAI().GetMaskWithDetails(
+                channels_last(case.x), pair_call(case.ref_model, case.cls), batch_size=args.pair_batch,
+                extra_parameters=params))
+            ref_map = torch.tensor(ref.attribution_mask)
+            ranks = method.last_extras["ranks"][0].numpy()
+            top = _top_agreement(mine[0, 0], ref_map, 0.08)
+            row("xrai", (w, c), (rw, rc), "PAIR XRAI",
+                f"map corr {correlation(mine[0, 0], ref_map):.3f}, top-8% overlap {top:.2f}",
+                note=f"{ranks.max()} regions; IG quadrature differs")
+        elif "xrai" in only:
+            row("xrai", (w, c), note=f"{method.last_extras['ranks'].max().item()} regions; PAIR XRAI is 2D only")
+        if "xrai_regions" in only:
+            # same base attribution (ours) and the same segments: the region part alone
+            base = method.last_extras["base"]
+            segs = _segments_of(case)
+            attr = base[0].numpy()  # (*spatial): PAIR wants it per channel, max-reduced to itself
+            w2, c2, mine2 = timed(lambda: ours(case, XRAI(base_attribution=base, segments=segs)))
+            if case.dims == 2:
+                rw2, rc2, ref2 = timed(lambda: PairXRAI().GetMaskWithDetails(
+                    channels_last(case.x), None, segments=segs,
+                    base_attribution=np.repeat(attr[..., None], case.x.shape[1], -1)))
+                row("xrai regions (given IG map + segments)", (w2, c2), (rw2, rc2), "PAIR XRAI",
+                    f"max|d|/max|ref| {rel_diff(mine2[0, 0], torch.tensor(ref2.attribution_mask)):.1e}",
+                    note=f"{len(segs)} candidate masks")
+            else:
+                row("xrai regions (given IG map + segments)", (w2, c2), note=f"{len(segs)} candidate masks")
+            seg_t = timed(lambda: _segments_of(case))
+            row("  of which segmentation", seg_t[:2], note="Felzenszwalb x6 (2D) / SLIC x5 (3D), dilated")
+
+    if "smoothgrad_ig" in only and case.dims in args.sgig_dims:
+        opts = {"samples": args.samples, "noise_level": 0.15, "base_options": {"steps": args.sg_steps}}
+        w, c, mine = timed(lambda: ours(case, "smoothgrad_ig", opts))
+        if case.dims == 2:
+            from saliency.core import IntegratedGradients as PairIG
+
+            def pair_sgig():
+                return PairIG().GetSmoothedMask(channels_last(case.x), pair_call(case.ref_model, case.cls),
+                                                stdev_spread=0.15, nsamples=args.samples,
+                                                x_steps=args.sg_steps, x_baseline=np.zeros_like(channels_last(case.x)),
+                                                batch_size=args.pair_batch)
+
+            rw, rc, ref = timed(pair_sgig)
+            row("smoothgrad_ig", (w, c), (rw, rc), "PAIR IG.GetSmoothedMask",
+                f"corr {correlation(mine, from_channels_last(ref)):.3f}", note="different noise draws")
+        else:
+            row("smoothgrad_ig", (w, c))
+
+    if "occlusion" in only:
+        import captum.attr as ca
+
+        window, stride = (16, 8) if case.dims == 2 else (16, 16)
+        w, c, mine = timed(lambda: ours(case, "occlusion", {"window": window, "stride": stride}))
+        c_in = case.x.shape[1]
+        rw, rc, ref = timed(lambda: ca.Occlusion(case.ref_model).attribute(
+            case.x, sliding_window_shapes=(c_in,) + (window,) * case.dims, strides=(1,) + (stride,) * case.dims,
+            baselines=0.0, target=case.cls, perturbations_per_eval=args.pair_batch))
+        row(f"occlusion (window {window}, stride {stride})", (w, c), (rw, rc), "Captum Occlusion",
+            f"max|d|/max|ref| {rel_diff(mine, ref):.1e}")
+    return rows
+
+
+def _ours_xrai(case: Case, steps: int):
+    method = XRAI(steps=steps)
+    return ours(case, method), method
+
+
+def _segments_of(case: Case) -> list:
+    from voxplain.methods.segments import felzenszwalb_regions, slic_regions
+
+    image = case.x[0].numpy()
+    regions = felzenszwalb_regions(image) if case.dims == 2 else slic_regions(image)
+    if regions.voxel_of is not None:
+        dense = regions.masks.toarray().astype(bool)[:, regions.voxel_of]
+    else:
+        dense = regions.masks.toarray().astype(bool)
+    return [m.reshape(case.x.shape[2:]) for m in dense]
+
+
+def _top_agreement(a: torch.Tensor, b: torch.Tensor, fraction: float) -> float:
+    """Intersection over union of the top ``fraction`` voxels of two maps."""
+    k = max(1, int(round(fraction * a.numel())))
+    ta = set(torch.topk(a.flatten().double(), k).indices.tolist())
+    tb = set(torch.topk(b.flatten().double(), k).indices.tolist())
+    return len(ta & tb) / len(ta | tb)
+
+
+def _fmt(v):
+    return "-" if v is None else f"{v:7.2f}"
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    ratio = "-" if r["ref_wall"] is None else f"{r['ref_wall'] / r['ours_wall']:.2f}"
+    cpu_ratio = "-" if r["ref_cpu"] is None else f"{r['ref_cpu'] / max(r['ours_cpu'], 1e-9):.2f}"
+    print(f"| {r['case']} | {r['method']} | {_fmt(r['ours_wall'])} ({_fmt(r['ours_cpu'])} cpu) | {r['ref']} | "
+          f"{_fmt(r['ref_wall'])} ({_fmt(r['ref_cpu'])} cpu) | {ratio} ({cpu_ratio} cpu) | {r['diff'] or '-'} | "
+          f"{r['note']} |", flush=flush)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="2d,3d", help="comma-separated subset of 2d,3d")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--steps", type=int, default=100, help="blur_ig steps and XRAI's IG steps (default 100)")
+    parser.add_argument("--samples", type=int, default=8, help="smoothgrad_ig samples (default 8)")
+    parser.add_argument("--sg-steps", type=int, default=16, help="smoothgrad_ig IG steps (default 16)")
+    parser.add_argument("--sgig-dims", default="2", help="cases to run smoothgrad_ig on (default 2: 2D only)")
+    parser.add_argument("--pair-batch", type=int, default=16,
+                        help="points per model call of PAIR / perturbations per eval of Captum (default 16)")
+    parser.add_argument("--size2d", type=int, default=224)
+    parser.add_argument("--size3d", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    args.sgig_dims = {int(d) for d in args.sgig_dims.split(",") if d}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; blur_ig/xrai steps {args.steps}")
+    print("| case | method | ours s | reference | ref s | ref/ours | maps | note |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for case in make_cases(set(args.models.split(",")), args.size2d, args.size3d):
+        rows += bench_case(case, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
