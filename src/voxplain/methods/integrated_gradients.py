@@ -108,20 +108,24 @@ def integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", st
     bar = engine.progress_bar(n_rows, desc)
     try:
         for sl in engine.chunks(n_rows, tuple(x.shape[1:])):
-            flat = torch.arange(sl.start, sl.stop, device=x.device)
-            row, step = flat // steps, flat % steps
-            points = x0[row] + alphas[step].view(view) * diff[row]
-            grads = engine.gradients(points, run.target, run.sample_index[row]).inputs
-            grads.mul_(weights[step].view(view))
+            # Rows are sample-major: row k is path point k % steps of sample k // steps,
+            # so a chunk is a few contiguous runs of points, one per sample.
+            runs = []
+            for r in range(sl.start // steps, (sl.stop - 1) // steps + 1):
+                lo, hi = max(sl.start, r * steps) - r * steps, min(sl.stop, (r + 1) * steps) - r * steps
+                runs.append((r, lo, hi))
+            points = torch.cat([torch.addcmul(x0[r:r + 1], alphas[lo:hi].view(view), diff[r:r + 1])
+                                for r, lo, hi in runs])
+            owner = torch.cat([run.sample_index[r:r + 1].expand(hi - lo) for r, lo, hi in runs])
+            grads = engine.gradients(points, run.target, owner).inputs
             del points
-            # Rows are sample-major, so each sample's points are contiguous: summing
-            # them per sample keeps the result deterministic (no atomic index_add).
-            first = int(sl.start // steps)
-            last = int((sl.stop - 1) // steps)
-            for r in range(first, last + 1):
-                lo = max(sl.start, r * steps) - sl.start
-                hi = min(sl.stop, (r + 1) * steps) - sl.start
-                total[r] += grads[lo:hi].sum(dim=0)
+            start = 0
+            for r, lo, hi in runs:
+                # The weighted sum over this sample's points, as one matrix-vector product.
+                part = weights[lo:hi] @ grads[start:start + hi - lo].flatten(1)
+                total[r] += part.view(x.shape[1:])
+                start += hi - lo
+            del grads
             bar.update(sl.stop - sl.start)
     finally:
         bar.close()
