@@ -40,11 +40,11 @@ examples:
 #: the demo's small pretrained models: every training choice fixed
 PRESETS: dict[str, dict] = {
     "demo-unet": {"task": "segment", "model": "unet3d", "epochs": 30, "batch_size": 2, "lr": 3e-3, "seed": 0,
-                  "resolution": 3, "model_config": {"channels": [8, 16, 32, 64]}},
+                  "size": "48,64,48", "model_config": {"channels": [8, 16, 32, 64]}},
     "demo-grade": {"task": "classify", "model": "classifier3d", "epochs": 25, "batch_size": 4, "lr": 1e-3,
-                   "seed": 0, "resolution": 3, "model_config": {"blocks": 4, "base_width": 8}},
+                   "seed": 0, "size": "48,64,48", "model_config": {"blocks": 4, "base_width": 8}},
     "demo-slices": {"task": "classify", "slices": True, "model": "cnn2d", "blocks": 5, "size": "64", "epochs": 8,
-                    "batch_size": 32, "lr": 1e-3, "seed": 0, "resolution": 3},
+                    "batch_size": 32, "lr": 1e-3, "seed": 0},
 }
 
 _DEFAULTS = {"task": "classify", "model": None, "blocks": 3, "epochs": 10, "batch_size": 8, "lr": 1e-3, "seed": 0,
@@ -74,6 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, choices=[1, 3], help="image folder: 1 grey (default) or 3 RGB")
     parser.add_argument("--keep", choices=["best", "final"],
                         help="save the best validation epoch (default) or the last one")
+    parser.add_argument("--max-minutes", type=float, metavar="M",
+                        help="stop before an epoch that would end past M minutes of training")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     history = train(model, loaded.train, loaded.val, task=settings["task"], epochs=settings["epochs"],
                     batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
                     progress=progress, device=device, region_names=loaded.region_names or ("ET", "TC", "WT"),
-                    keep=settings["keep"] if loaded.val is not None else "final")
+                    keep=settings["keep"] if loaded.val is not None else "final",
+                    time_limit=args.max_minutes * 60 if args.max_minutes else None)
     kept = next(r for r in history if r["kept"])
     meta = {
         "task": settings["task"],

@@ -174,7 +174,8 @@ def _check_task(task: str) -> str:
 def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, task: str = "classify",
           epochs: int = 10, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, progress: bool = True,
           on_epoch_end: Callable[[dict], object] | None = None, device=None, weight_decay: float = 0.0,
-          region_names: Sequence[str] = REGIONS, keep: str = "final") -> list[dict]:
+          region_names: Sequence[str] = REGIONS, keep: str = "final",
+          time_limit: float | None = None) -> list[dict]:
     """Train ``model`` in place with Adam; returns the history, one dict per epoch.
 
     Each record has ``epoch``, ``seconds``, ``train_loss`` and (with ``val_ds``) ``val_loss``
@@ -186,7 +187,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
     yourself, before building it). ``on_epoch_end(record)`` is called after every epoch
     (it may raise, e.g. to prune an Optuna trial). ``keep="best"`` restores the weights
     of the epoch with the best validation score at the end (``"final"`` keeps the last);
-    the chosen epoch is marked ``"kept": True``.
+    the chosen epoch is marked ``"kept": True``. With ``time_limit`` (seconds) training
+    stops early when another epoch as long as the last would end past the limit.
     """
     objective = _Objective(_check_task(task), region_names)
     if keep not in ("best", "final"):
@@ -210,6 +212,7 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
 
     history: list[dict] = []
     best_score, best_state, best_epoch = None, None, None
+    began = time.perf_counter()
     try:
         for epoch in range(1, int(epochs) + 1):
             start = time.perf_counter()
@@ -228,6 +231,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
                                     for k, v in record.items()))
             if on_epoch_end is not None:
                 on_epoch_end(dict(record))
+            if time_limit is not None and time.perf_counter() - began + record["seconds"] > time_limit:
+                break
     finally:
         _volume_layout(model, False)
         model.eval()
