@@ -122,11 +122,17 @@ class BlurIG(Method):
                 sample, step = rows // steps, (rows % steps).cpu()
                 base = x[sample]
                 points = gaussian_blur(base, sigmas[step])
-                ahead = gaussian_blur(base, sigmas[step] + self.grad_step)
-                slope = (ahead - points) / self.grad_step
+                slope = gaussian_blur(base, sigmas[step] + self.grad_step)
+                del base
+                slope.sub_(points).div_(self.grad_step)  # d(blur)/d(sigma), forward difference
                 grads = run.engine.gradients(points, run.target, run.sample_index[sample]).inputs
-                weights = deltas[step.to(x.device)].view(-1, *([1] * (x.ndim - 1)))
-                total.index_add_(0, sample, weights * slope * grads)
+                del points
+                slope.mul_(grads).mul_(deltas[step.to(x.device)].view(-1, *([1] * (x.ndim - 1))))
+                del grads
+                # Rows are sample-major: sum each sample's contiguous rows (deterministic, no atomics).
+                for r in range(sl.start // steps, (sl.stop - 1) // steps + 1):
+                    lo, hi = max(sl.start, r * steps) - sl.start, min(sl.stop, (r + 1) * steps) - sl.start
+                    total[r] += slope[lo:hi].sum(dim=0)
                 bar.update(len(rows))
         finally:
             bar.close()

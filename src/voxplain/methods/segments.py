@@ -48,6 +48,7 @@ class RegionSet:
 
     @property
     def n_regions(self) -> int:
+        """Number of candidate regions."""
         return self.masks.shape[0]
 
     def weights(self) -> np.ndarray:

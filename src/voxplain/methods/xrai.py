@@ -267,18 +267,13 @@ class XRAI(Method):
     def attribute(self, run: Run) -> Tensor:
         x = run.x
         spatial = tuple(x.shape[2:])
-        if self.segments is not None:
-            regions_from_segments(self.segments, spatial)  # shape errors before any model work
-        base = self._base_map(run).detach().to("cpu", torch.float64).numpy()
         images = x.detach().cpu().numpy()
+        # precomputed segments are shared by all samples; checked before any model work
+        shared = self._regions(images[0]) if self.segments is not None else None
+        base = self._base_map(run).detach().to("cpu", torch.float64).numpy()
         maps, ranks, gains = [], [], []
-        shared = None
         for i in range(x.shape[0]):
-            if self.segments is not None:
-                shared = self._regions(images[i]) if shared is None else shared
-                regions = shared
-            else:
-                regions = self._regions(images[i])
+            regions = shared if shared is not None else self._regions(images[i])
             result = xrai_greedy(regions.masks, regions.pool(base[i]), regions.weights(), self.algorithm,
                                  self.area_threshold, self.min_pixel_diff)
             maps.append(regions.expand(result.gain).reshape(spatial))
