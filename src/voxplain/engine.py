@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .hooks import GuidedReLU, HookSet, LayerCapture, has_guided_activations
+from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, has_guided_activations
 from .targets import BoundTarget
 
 __all__ = ["Engine", "Gradients", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
@@ -121,6 +121,29 @@ class LayerInfo:
     output_shape: tuple[int, ...] | None  # None when the output is not a tensor
 
 
+@dataclass
+class _PendingPass:
+    """A forward pass kept with its autograd graph for the next :meth:`Engine.gradients` call.
+
+    ``outputs`` maps each module to its output and that tensor's version counter
+    (``None`` if the module ran more than once or returned no tensor), so that any
+    layer can be captured after the fact unless an in-place operation changed it.
+    """
+
+    x: Tensor  # the rows as given: the next call must pass this very tensor
+    leaf: Tensor  # the rows on the device, requiring grad
+    output: Tensor
+    outputs: dict[nn.Module, tuple[Tensor, int] | None]
+    trace: list[LayerInfo]
+    guided: SwitchableGuidedReLU
+
+    def activation(self, layer: nn.Module) -> Tensor | None:
+        entry = self.outputs.get(layer)
+        if entry is None or entry[0]._version != entry[1]:
+            return None
+        return entry[0]
+
+
 class Engine:
     """Runs a model for explanation methods.
 
@@ -151,6 +174,7 @@ class Engine:
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
         self._depth = 0
+        self._pending: _PendingPass | None = None
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -170,6 +194,8 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
+        if self._depth == 0:
+            self._pending = None
         if self._depth == 0 and self._state is not None:
             self._state.restore()
             self._state = None
@@ -227,15 +253,29 @@ class Engine:
                     self.model(torch.zeros((1, *row_shape), device=self.device))
             finally:
                 hooks.remove()
-            input_bytes = 4 * math.prod(row_shape)
-            # input, its gradient, the path point and an accumulator, plus activations
-            self._row_bytes[row_shape] = int(_BACKWARD_OVERHEAD * total + 4 * input_bytes) + 1
+            self._set_row_bytes(row_shape, total)
         return self._row_bytes[row_shape]
 
+    def _set_row_bytes(self, row_shape: tuple[int, ...], leaf_output_bytes: int) -> None:
+        input_bytes = 4 * math.prod(row_shape)
+        # input, its gradient, the path point and an accumulator, plus activations
+        self._row_bytes[row_shape] = int(_BACKWARD_OVERHEAD * leaf_output_bytes + 4 * input_bytes) + 1
+
     # -- evaluation --------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """The model's output on ``x`` (no gradient), chunked."""
+    def forward(self, x: Tensor, keep_graph: bool = False) -> Tensor:
+        """The model's output on ``x`` (detached), chunked.
+
+        With ``keep_graph=True``, when ``x`` fits one pass, the pass is recorded with
+        its autograd graph and the next :meth:`gradients` call on this same tensor
+        ``x`` reuses it (plain or guided, with any layers captured) instead of running
+        the model again; any other evaluation call drops it. This is how an
+        explanation fixes its target and gets its first gradients from one forward.
+        """
         self._require_prepared()
+        self._pending = None
+        if keep_graph and (x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])):
+            self._pending = self._recorded_forward(x)
+            return self._pending.output.detach()
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
@@ -245,6 +285,7 @@ class Engine:
     def scores(self, x: Tensor, target: BoundTarget, sample_index: Tensor) -> Tensor:
         """Target scores (N,) of rows ``x`` (no gradient), chunked."""
         self._require_prepared()
+        self._pending = None
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
@@ -266,9 +307,55 @@ class Engine:
             input_gradient: also return dF/dx (False when only layers are needed).
         """
         self._require_prepared()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.x is x:
+            acts = [pending.activation(layer) for layer in layers]
+            if all(a is not None for a in acts):
+                pending.guided.guided = guided
+                try:
+                    return self._backward(pending.leaf, pending.output, acts, target, sample_index,
+                                          input_gradient)
+                finally:
+                    pending.guided.guided = False
+        del pending  # free its graph before the next pass
         parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
+
+    def release_graph(self) -> None:
+        """Drop the pass kept by ``forward(..., keep_graph=True)`` if no call has used it."""
+        self._pending = None
+
+    def _recorded_forward(self, x: Tensor) -> _PendingPass:
+        names = {m: n for n, m in self.model.named_modules()}
+        trace: list[LayerInfo] = []
+        outputs: dict[nn.Module, tuple[Tensor, int] | None] = {}
+        leaf_bytes = 0
+
+        def record(module, inputs, output):
+            nonlocal leaf_bytes
+            is_tensor = isinstance(output, Tensor)
+            if is_tensor and not any(True for _ in module.children()):
+                leaf_bytes += output.numel() * output.element_size()
+            trace.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
+            outputs[module] = (output, output._version) if is_tensor and module not in outputs else None
+
+        leaf = x.detach().to(self.device).requires_grad_(True)
+        guided = SwitchableGuidedReLU(self.model)
+        hooks = HookSet()
+        try:
+            for m in self.model.modules():
+                if m is not self.model:
+                    hooks.add(m.register_forward_hook(record))
+            guided.install(hooks)
+            with torch.enable_grad():
+                out = self.model(leaf)
+        finally:
+            hooks.remove()
+        row_shape = tuple(x.shape[1:])
+        if x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
+            self._set_row_bytes(row_shape, leaf_bytes)
+        return _PendingPass(x, leaf, out, outputs, trace, guided)
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
                        layers: Sequence[nn.Module], guided: bool, input_gradient: bool) -> Gradients:
@@ -276,8 +363,13 @@ class Engine:
         x = x.detach().to(self.device).requires_grad_(True)
         with torch.enable_grad(), self._hooks(layers, guided) as capture:
             out = self.model(x)
-            scores = target.score(out, sample_index.to(self.device))
             acts = capture.activations()
+            return self._backward(x, out, acts, target, sample_index, input_gradient)
+
+    def _backward(self, x: Tensor, out: Tensor, acts: list[Tensor], target: BoundTarget,
+                  sample_index: Tensor, input_gradient: bool) -> Gradients:
+        with torch.enable_grad():
+            scores = target.score(out, sample_index.to(self.device))
             wrt = ([x] if input_gradient else []) + acts
             if not scores.requires_grad:
                 _warn_constant_score()
@@ -295,6 +387,8 @@ class Engine:
     def trace(self, x: Tensor) -> list[LayerInfo]:
         """Modules in the order they run on ``x`` (one row), with their output shapes."""
         self._require_prepared()
+        if self._pending is not None and self._pending.x is x and x.shape[0] == 1:
+            return list(self._pending.trace)
         names = {m: n for n, m in self.model.named_modules()}
         seen: list[LayerInfo] = []
 

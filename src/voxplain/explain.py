@@ -78,7 +78,7 @@ def _first_conv_channels(model: nn.Module) -> int | None:
 
 def _forward_original(engine: Engine, x: Tensor) -> Tensor:
     try:
-        return engine.forward(x)
+        return engine.forward(x, keep_graph=True)
     except Exception as err:
         expected = _first_conv_channels(engine.model)
         hint = ""
@@ -139,6 +139,7 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
         for m in method_objs:
             start = time.perf_counter()
             result = m.attribute(run)
+            engine.release_graph()  # the kept first pass serves the first method only
             if engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
             seconds[m.name] = time.perf_counter() - start

@@ -20,7 +20,8 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["GUIDED_ACTIVATIONS", "LayerCapture", "GuidedReLU", "HookSet", "has_guided_activations"]
+__all__ = ["GUIDED_ACTIVATIONS", "LayerCapture", "GuidedReLU", "SwitchableGuidedReLU", "HookSet",
+           "has_guided_activations"]
 
 #: Activation module types whose backward pass guided backpropagation rewrites.
 #: All keep the sign of their input, so the forward output's sign is the input's.
@@ -102,6 +103,28 @@ def _guided_forward_hook(module: nn.Module, inputs, output: Tensor) -> None:
     # reading it now (not at backward time) is safe against later in-place edits.
     positive = output.detach() > 0
     output.register_hook(lambda grad: grad.clamp(min=0) * positive)
+
+
+class SwitchableGuidedReLU(GuidedReLU):
+    """Guided-backprop hooks whose rule applies only while :attr:`guided` is True at backward time.
+
+    One forward pass recorded with these hooks can then serve either a plain or a
+    guided backward pass, whichever is asked for first.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.guided = False
+
+    def install(self, hooks: HookSet) -> None:
+        for m in self.modules:
+            hooks.add(m.register_forward_hook(self._hook))
+
+    def _hook(self, module: nn.Module, inputs, output: Tensor) -> None:
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        positive = output.detach() > 0
+        output.register_hook(lambda grad: grad.clamp(min=0) * positive if self.guided else None)
 
 
 def has_guided_activations(model: nn.Module) -> bool:
