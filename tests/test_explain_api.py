@@ -121,36 +121,53 @@ def test_monai_segmentation_net_with_each_method(name):
     assert torch.isfinite(maps[name]).all()
 
 
-class FailingNet(nn.Module):
-    """A classifier whose forward raises on the n-th pass that records gradients."""
+class _FailInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
 
-    def __init__(self, fail_at: int, dims: int = 2):
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("boom in backward")
+
+
+class FailingNet(nn.Module):
+    """A classifier that raises in its n-th forward call, or in the backward of its n-th call."""
+
+    def __init__(self, fail_in: str, fail_at: int):
         super().__init__()
-        self.net = classifier(dims=dims, inplace=True)
-        self.fail_at = fail_at
-        self.grad_calls = 0
+        self.net = classifier(dims=2, inplace=True)
+        self.fail_in, self.fail_at = fail_in, fail_at
+        self.calls = 0
 
     def forward(self, x):
-        if torch.is_grad_enabled():
-            self.grad_calls += 1
-            if self.grad_calls == self.fail_at:
-                raise RuntimeError("boom in forward")
-        return self.net(x)
+        self.calls += 1
+        failing = self.calls == self.fail_at
+        if failing and self.fail_in == "forward":
+            raise RuntimeError("boom in forward")
+        h = self.net[0](x)
+        if failing:
+            h = _FailInBackward.apply(h)
+        return self.net[1:](h)
 
 
-@pytest.mark.parametrize("name,fail_at", [
-    ("vanilla_gradient", 1), ("guided_backprop", 1), ("gradcam", 1), ("guided_gradcam", 2),
-    ("integrated_gradients", 2), ("smoothgrad", 2), ("guided_ig", 3),
+# The first call fixes the target (and is kept to serve the first gradients); later calls are
+# the methods' own passes, so each failure below happens with the method's hooks installed.
+@pytest.mark.parametrize("name,fail_in,fail_at", [
+    ("vanilla_gradient", "backward", 1), ("guided_backprop", "backward", 1), ("gradcam", "backward", 1),
+    ("guided_gradcam", "forward", 2), ("guided_gradcam", "backward", 2),
+    ("integrated_gradients", "forward", 3), ("integrated_gradients", "backward", 2),
+    ("smoothgrad", "forward", 3), ("guided_ig", "forward", 4), ("guided_ig", "backward", 3),
 ])
-def test_model_unchanged_after_a_method_raises_midway(name, fail_at):
+def test_model_unchanged_after_a_method_raises_midway(name, fail_in, fail_at):
     _registered(name)
-    model = FailingNet(fail_at)
+    model = FailingNet(fail_in, fail_at)
     model.net[0].weight.requires_grad_(False)
     snap = Snapshot(model)
-    with pytest.raises(RuntimeError, match="boom in forward"):
+    with pytest.raises(RuntimeError, match=f"boom in {fail_in}"):
         explain(model, torch.randn(1, 2, 12, 12), 0, methods=[name], options=_options([name]),
                 batch_size=1)
-    assert model.grad_calls == fail_at
+    assert model.calls == fail_at
     snap.assert_unchanged()
 
 
@@ -343,59 +360,64 @@ def test_method_objects_and_calling_a_method():
 
 
 class CountingNet(nn.Module):
-    """Counts forward passes with and without gradient, and guided ones."""
+    """Counts forward calls, and among them the guided passes that did not serve another purpose."""
 
     def __init__(self):
         super().__init__()
         self.net = classifier(dims=2)
-        self.plain = self.guided = self.no_grad = 0
+        self.calls = self.guided = 0
 
     def forward(self, x):
-        if not torch.is_grad_enabled():
-            self.no_grad += 1
-        elif any(h is _guided_forward_hook for h in self.net[2]._forward_hooks.values()):
+        self.calls += 1
+        if any(h is _guided_forward_hook for h in self.net[2]._forward_hooks.values()):
             self.guided += 1
-        else:
-            self.plain += 1
         return self.net(x)
 
 
-def test_one_backward_serves_gradient_methods_and_gradcam():
+def test_one_forward_serves_the_target_gradient_methods_and_gradcam():
     _registered("gradcam")
     model = CountingNet()
-    explain(model, torch.randn(2, 2, 12, 12), 0, methods=["vanilla_gradient", "gradient_x_input", "gradcam"])
-    assert (model.plain, model.guided) == (1, 0)
-
-
-def test_a_single_gradient_method_runs_the_model_twice():
-    # one plain forward to fix the target, one forward/backward for the gradient
+    explain(model, torch.randn(1, 2, 12, 12), 0, methods=["vanilla_gradient", "gradient_x_input", "gradcam"])
+    assert model.calls == 1
+    # with several samples, sizing the pass and tracing for the Grad-CAM layer take one-row
+    # forwards of their own, and still one pass serves the target and the three methods
     model = CountingNet()
-    explain(model, torch.randn(1, 2, 12, 12), None, methods=["vanilla_gradient"])
-    assert (model.no_grad, model.plain, model.guided) == (1, 1, 0)
+    explain(model, torch.randn(3, 2, 12, 12), 0, methods=["vanilla_gradient", "gradient_x_input", "gradcam"])
+    assert model.calls == 3
+
+
+@pytest.mark.parametrize("name", ["vanilla_gradient", "gradient_x_input", "guided_backprop", "gradcam"])
+def test_a_single_pass_method_runs_the_model_once(name):
+    # the forward that fixes the target is kept and backpropagated (plain or guided)
+    _registered(name)
+    model = CountingNet()
+    explain(model, torch.randn(1, 2, 12, 12), None, methods=[name])
+    assert model.calls == 1
 
 
 def test_guided_pass_is_shared_by_guided_backprop_and_guided_gradcam():
     _registered("guided_backprop", "guided_gradcam")
     model = CountingNet()
-    maps = explain(model, torch.randn(2, 2, 12, 12), 0, methods=["guided_backprop", "guided_gradcam"])
-    assert model.guided == 1
-    assert model.plain <= 1  # Grad-CAM's plain pass
+    maps = explain(model, torch.randn(1, 2, 12, 12), 0, methods=["guided_backprop", "guided_gradcam"])
+    assert model.calls == 2  # one guided pass for both, one plain pass for the Grad-CAM part
     assert set(maps) == {"guided_backprop", "guided_gradcam"}
+    model = CountingNet()
+    explain(model, torch.randn(1, 2, 12, 12), 0, methods=["vanilla_gradient", "guided_backprop", "guided_gradcam"])
+    assert model.calls == 2 and model.guided == 1
 
 
 def test_seven_methods_share_passes():
     _registered(*SEVEN)
-    model = CountingNet()
-    explain(model, torch.randn(1, 2, 12, 12), 0, options={"integrated_gradients": {"steps": 4},
-                                                            "guided_ig": {"steps": 4},
-                                                            "smoothgrad": {"samples": 2}})
+    options = {"integrated_gradients": {"steps": 4}, "guided_ig": {"steps": 4}, "smoothgrad": {"samples": 2}}
+    x = torch.randn(1, 2, 12, 12)
+    together = CountingNet()
+    explain(together, x, 0, options=options)
     alone = CountingNet()
-    for name in ("vanilla_gradient", "gradcam", "guided_backprop", "guided_gradcam"):
-        explain(alone, torch.randn(1, 2, 12, 12), 0, methods=[name])
-    # vanilla gradient, Grad-CAM and guided Grad-CAM's Grad-CAM part share one plain pass;
-    # guided backprop and guided Grad-CAM share one guided pass
-    assert alone.plain >= 3 and alone.guided == 2
-    assert model.guided == 1
+    for name in voxplain.DEFAULT_METHODS:
+        explain(alone, x, 0, methods=[name], options={name: options[name]} if name in options else None)
+    assert together.guided == 1  # guided backprop and guided Grad-CAM share one guided pass
+    # six target-fixing forwards saved, and the shared plain and guided passes
+    assert together.calls <= alone.calls - 6
 
 
 # ---------------------------------------------------------------------------
