@@ -1,0 +1,399 @@
+"""Benchmark of the issue-2 methods: voxplain against Captum and PAIR ``saliency``.
+
+Not a test: it times, checks that the maps agree, and prints tables.
+
+* Table 1, per model (a 2D CNN on 1x1x224x224 and a 3D U-Net with BatchNorm on
+  1x4x64^3): each of the eight methods in voxplain (a single-method ``explain()``
+  call, as a user makes it) and in its reference with identical options, the
+  median of a few interleaved repeats, the ratio reference/ours and the largest
+  difference between the maps relative to the reference's largest magnitude.
+  Guided IG is compared with PAIR's ``GuidedIG``. SmoothGrad's noise differs
+  between libraries, so its maps are compared by correlation instead.
+* ``explain()`` with the seven NeuroXAI methods against the sum of seven
+  single-method calls.
+* Integrated gradients against ``steps`` times the model's own forward+backward
+  at its best batch size.
+* Peak resident memory of integrated gradients on 1x4x128^3 with
+  ``memory_budget="2GB"``, measured in a fresh subprocess.
+
+Usage::
+
+    python benchmarks/bench_core.py            # full sizes (slow on a CPU)
+    python benchmarks/bench_core.py --quick    # smaller inputs and fewer steps
+    python benchmarks/bench_core.py --only integrated_gradients
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+import voxplain
+from voxplain import ClassTarget, Engine, SegmentationTarget, explain
+from voxplain.methods.layer_select import default_cam_layer
+from voxplain.models.zoo import build_model
+
+METHODS = ("vanilla_gradient", "gradient_x_input", "guided_backprop", "integrated_gradients",
+           "smoothgrad", "gradcam", "guided_gradcam", "guided_ig")
+FRACTION, MAX_DIST, NOISE_LEVEL = 0.25, 0.02, 0.15
+
+
+class SpatialMean(nn.Module):
+    """A segmentation net seen as a classifier: the spatial mean of each class channel.
+
+    Captum on this wrapper with target k is what ``SegmentationTarget(k)`` explains.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).flatten(2).mean(dim=2)
+
+
+@dataclass
+class Case:
+    """One model and input, in voxplain's terms and in the references' terms."""
+
+    name: str
+    model: nn.Module  # explained by voxplain
+    x: torch.Tensor
+    target: object  # voxplain target
+    ref_model: nn.Module  # explained by Captum / PAIR: (B, K) output
+    cls: int
+    layer: nn.Module  # the Grad-CAM layer, the same module for both
+    mode: str  # interpolation mode of Grad-CAM
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    # Both libraries then skip parameter gradients; explain() restores these flags as they came.
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_cases(quick: bool, which: set[str]) -> list[Case]:
+    torch.manual_seed(0)
+    cases = []
+    if "2d" in which:
+        size = 112 if quick else 224
+        model = _freeze(build_model("cnn2d", blocks=5, in_channels=1, num_classes=2, image_size=size))
+        x = torch.randn(1, 1, size, size)
+        cases.append(Case(f"cnn2d (5 blocks), 1x1x{size}x{size}", model, x, ClassTarget(1), model, 1,
+                          _cam_layer(model, x), "bilinear"))
+    if "3d" in which:
+        size = 32 if quick else 64
+        model = _freeze(build_model("unet3d"))
+        _randomise_batchnorm(model)
+        x = torch.randn(1, 4, size, size, size)
+        cases.append(Case(f"unet3d (MONAI UNet, BatchNorm), 1x4x{size}^3", model, x, SegmentationTarget(1),
+                          SpatialMean(model).eval(), 1, _cam_layer(model, x), "trilinear"))
+    return cases
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    # Untrained BatchNorm is the identity in eval mode; give it statistics worth normalising by.
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def _cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    with Engine(model) as engine:
+        return default_cam_layer(engine, x)
+
+
+# ---------------------------------------------------------------------------
+# the two sides
+
+
+def ours(case: Case, method: str, options: dict) -> torch.Tensor:
+    return explain(case.model, case.x, case.target, methods=[method], options={method: options} if options else None)[method]
+
+
+def reference(case: Case, method: str, options: dict, rows: int) -> torch.Tensor:
+    import captum.attr as ca
+
+    m, x, t = case.ref_model, case.x, case.cls
+    if method == "vanilla_gradient":
+        return ca.Saliency(m).attribute(x, target=t, abs=False)
+    if method == "gradient_x_input":
+        return ca.InputXGradient(m).attribute(x, target=t)
+    if method == "guided_backprop":
+        return ca.GuidedBackprop(m).attribute(x, target=t)
+    if method == "integrated_gradients":
+        return ca.IntegratedGradients(m).attribute(x, baselines=0.0, target=t, n_steps=options["steps"],
+                                                   method=options["rule"], internal_batch_size=rows)
+    if method == "smoothgrad":
+        sigma = NOISE_LEVEL * float(x.max() - x.min())
+        return ca.NoiseTunnel(ca.Saliency(m)).attribute(x, nt_type="smoothgrad", nt_samples=options["samples"],
+                                                        nt_samples_batch_size=rows, stdevs=sigma, target=t,
+                                                        abs=False)
+    if method == "gradcam":
+        cam = ca.LayerGradCam(m, case.layer).attribute(x, target=t, relu_attributions=True)
+        return ca.LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode=case.mode)
+    if method == "guided_gradcam":
+        return ca.GuidedGradCam(m, case.layer).attribute(x, target=t, interpolate_mode=case.mode)
+    if method == "guided_ig":
+        return _pair_guided_ig(m, x, t, options)
+    raise ValueError(method)
+
+
+def _pair_guided_ig(model: nn.Module, x: torch.Tensor, cls: int, options: dict) -> torch.Tensor:
+    import saliency.core as saliency
+
+    def call_model(batch, call_model_args=None, expected_keys=None):
+        t = torch.from_numpy(np.asarray(batch, dtype=np.float32)).requires_grad_(True)
+        grad, = torch.autograd.grad(model(t)[:, cls].sum(), t)
+        return {saliency.INPUT_OUTPUT_GRADIENTS: grad.numpy()}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy's deprecated quantile(interpolation=...)
+        mask = saliency.GuidedIG().GetMask(x[0].numpy(), call_model, x_baseline=np.zeros(x.shape[1:]),
+                                           x_steps=options["steps"], fraction=options["fraction"],
+                                           max_dist=options["max_dist"])
+    return torch.from_numpy(np.asarray(mask, dtype=np.float32))[None]
+
+
+def method_options(method: str, case: Case, steps: int, gig_steps: int, samples: int) -> dict:
+    return {
+        "integrated_gradients": {"steps": steps, "rule": "riemann_trapezoid"},
+        "smoothgrad": {"samples": samples, "noise_level": NOISE_LEVEL},
+        "guided_ig": {"steps": gig_steps, "fraction": FRACTION, "max_dist": MAX_DIST},
+        "gradcam": {"layer": case.layer},
+        "guided_gradcam": {"layer": case.layer},
+    }.get(method, {})
+
+
+# ---------------------------------------------------------------------------
+# timing helpers
+
+
+def timed(fn):
+    """Wall seconds and result of ``fn()``."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def timed_both(fn):
+    """Wall seconds, CPU seconds (all threads) and result of ``fn()``.
+
+    CPU time is less sensitive than wall time to other processes sharing the cores.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach().double().reshape(b.shape), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def bench_methods(case: Case, methods, repeats: int, steps: int, gig_steps: int, samples: int) -> list[dict]:
+    with Engine(case.model) as engine:
+        rows = engine.rows_per_pass(tuple(case.x.shape[1:]))
+    with torch.no_grad():
+        case.ref_model(case.x)  # warm-up
+    results = []
+    for method in methods:
+        opts = method_options(method, case, steps, gig_steps, samples)
+        ours_t, ref_t, ours_c, ref_c = [], [], [], []
+        for r in range(repeats):
+            # alternate who goes first, so that drifting load hits both sides alike
+            order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
+            for side in order:
+                if side == "ours":
+                    t, c, ours_map = timed_both(lambda: ours(case, method, opts))
+                    ours_t.append(t)
+                    ours_c.append(c)
+                else:
+                    t, c, ref_map = timed_both(lambda: reference(case, method, opts, rows))
+                    ref_t.append(t)
+                    ref_c.append(c)
+        ours_s, ref_s = statistics.median(ours_t), statistics.median(ref_t)
+        cpu_ratio = statistics.median(ref_c) / statistics.median(ours_c)
+        if method == "smoothgrad":
+            agreement = f"corr {correlation(ours_map, ref_map):.3f}"
+        else:
+            agreement = f"{compare(ours_map, ref_map):.1e}"
+        results.append({"case": case.name, "method": method, "ours_s": ours_s, "ref_s": ref_s,
+                        "ratio": ref_s / ours_s, "cpu_ratio": cpu_ratio, "agreement": agreement,
+                        "reference": "PAIR GuidedIG" if method == "guided_ig" else "Captum",
+                        "options": {k: (v if not isinstance(v, nn.Module) else "default layer")
+                                    for k, v in opts.items()}})
+        print(f"  {method:22s} ours {ours_s:8.3f} s  ref {ref_s:8.3f} s  ratio {ref_s / ours_s:5.2f}  "
+              f"(CPU {cpu_ratio:5.2f})  diff {agreement}", flush=True)
+    return results
+
+
+def bench_explain_all(case: Case, repeats: int, steps: int, gig_steps: int, samples: int) -> dict:
+    options = {m: method_options(m, case, steps, gig_steps, samples) for m in voxplain.DEFAULT_METHODS}
+    options = {m: o for m, o in options.items() if o}
+    together, separate = [], []
+    for _ in range(repeats):
+        t, _maps = timed(lambda: explain(case.model, case.x, case.target, options=options))
+        together.append(t)
+        total = 0.0
+        for m in voxplain.DEFAULT_METHODS:
+            t, _maps = timed(lambda: ours(case, m, options.get(m, {})))
+            total += t
+        separate.append(total)
+    return {"case": case.name, "together_s": statistics.median(together),
+            "separate_s": statistics.median(separate),
+            "ratio": statistics.median(separate) / statistics.median(together)}
+
+
+def bench_ig_vs_model(case: Case, repeats: int, steps: int) -> dict:
+    """IG with ``steps`` points against ``steps`` x the model's own forward+backward at its best batch size."""
+    with Engine(case.model) as engine:
+        rows = engine.rows_per_pass(tuple(case.x.shape[1:]))
+    sizes = sorted({1, 2, 4, 8, 16, 32, min(rows, steps)} & set(range(1, min(rows, steps) + 1)))
+    per_row = {}
+    for bs in sizes:
+        xb = case.x.expand(bs, *case.x.shape[1:]).clone()
+
+        def step():
+            xg = xb.clone().requires_grad_(True)
+            score = case.ref_model(xg)[:, case.cls].sum()
+            torch.autograd.grad(score, xg)
+
+        step()  # warm-up
+        per_row[bs] = statistics.median(timed(step)[0] for _ in range(repeats)) / bs
+    best_bs = min(per_row, key=per_row.get)
+    opts = {"steps": steps, "rule": "riemann_trapezoid"}
+    ig = statistics.median(timed(lambda: ours(case, "integrated_gradients", opts))[0] for _ in range(repeats))
+    floor = steps * per_row[best_bs]
+    return {"case": case.name, "ig_s": ig, "model_s": floor, "best_batch": best_bs, "engine_rows": rows,
+            "overhead": ig / floor - 1.0, "per_row": per_row}
+
+
+# ---------------------------------------------------------------------------
+# peak memory in a fresh process
+
+
+def memory_child(size: int, steps: int, budget: str) -> None:
+    torch.manual_seed(0)
+    model = _freeze(build_model("unet3d"))
+    x = torch.randn(1, 4, size, size, size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with Engine(model, memory_budget=budget) as engine:
+        rows = engine.rows_per_pass(tuple(x.shape[1:]))
+    start = time.perf_counter()
+    explain(model, x, SegmentationTarget(1), methods=["integrated_gradients"],
+            options={"integrated_gradients": {"steps": steps}}, memory_budget=budget)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"before_kb": before, "peak_kb": peak, "rows_per_pass": rows, "seconds": seconds}))
+
+
+def bench_memory(size: int, steps: int, budget: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(size), "--steps", str(steps),
+           "--budget", budget]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(size=size, steps=steps, budget=budget)
+    return result
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs (112^2, 32^3) and fewer steps")
+    parser.add_argument("--only", choices=METHODS, help="benchmark this method only (and skip the extras)")
+    parser.add_argument("--models", default="2d,3d", help="comma-separated subset of 2d,3d")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (median); default 3, 3D full: 1")
+    parser.add_argument("--steps", type=int, default=None, help="IG steps (default 50, quick 16)")
+    parser.add_argument("--gig-steps", type=int, default=None, help="Guided IG steps (default 50, quick 16)")
+    parser.add_argument("--samples", type=int, default=None, help="SmoothGrad samples (default 25, quick 8)")
+    parser.add_argument("--memory-size", type=int, default=None, help="edge of the memory test volume (128, quick 64)")
+    parser.add_argument("--memory-steps", type=int, default=None, help="IG steps of the memory test (default --steps)")
+    parser.add_argument("--budget", default="2GB", help="memory budget of the memory test")
+    parser.add_argument("--no-extras", action="store_true", help="only the method table")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    steps = args.steps or (16 if args.quick else 50)
+    if args.memory_child:
+        memory_child(args.memory_child, steps, args.budget)
+        return 0
+    gig_steps = args.gig_steps or (16 if args.quick else 50)
+    samples = args.samples or (8 if args.quick else 25)
+    methods = (args.only,) if args.only else METHODS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; steps {steps}, guided IG steps "
+          f"{gig_steps}, SmoothGrad samples {samples}", flush=True)
+
+    out: dict = {"methods": [], "explain_all": [], "ig_floor": [], "memory": None}
+    for case in make_cases(args.quick, set(args.models.split(","))):
+        repeats = args.repeats or (1 if (case.x.ndim == 5 and not args.quick) else 3)
+        print(f"\n{case.name} (repeats {repeats})", flush=True)
+        out["methods"] += bench_methods(case, methods, repeats, steps, gig_steps, samples)
+        if args.only or args.no_extras:
+            continue
+        out["explain_all"].append(bench_explain_all(case, repeats, steps, gig_steps, samples))
+        out["ig_floor"].append(bench_ig_vs_model(case, repeats, steps))
+    if not (args.only or args.no_extras):
+        size = args.memory_size or (64 if args.quick else 128)
+        out["memory"] = bench_memory(size, args.memory_steps or steps, args.budget)
+
+    print_tables(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return 0
+
+
+def print_tables(out: dict) -> None:
+    print("\n| model | method | ours (s) | reference (s) | reference/ours | same, CPU time | max rel. difference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in out["methods"]:
+        ref = "" if r["reference"] == "Captum" else f" ({r['reference']})"
+        print(f"| {r['case']} | {r['method']}{ref} | {r['ours_s']:.3f} | {r['ref_s']:.3f} | {r['ratio']:.2f} "
+              f"| {r['cpu_ratio']:.2f} | {r['agreement']} |")
+    if out["explain_all"]:
+        print("\n| model | explain() with the seven (s) | seven single calls (s) | single/together |")
+        print("|---|---|---|---|")
+        for r in out["explain_all"]:
+            print(f"| {r['case']} | {r['together_s']:.3f} | {r['separate_s']:.3f} | {r['ratio']:.2f} |")
+    if out["ig_floor"]:
+        print("\n| model | IG (s) | steps x model fwd+bwd at best batch (s) | best batch | engine rows/pass "
+              "| IG overhead |")
+        print("|---|---|---|---|---|---|")
+        for r in out["ig_floor"]:
+            print(f"| {r['case']} | {r['ig_s']:.3f} | {r['model_s']:.3f} | {r['best_batch']} | {r['engine_rows']} "
+                  f"| {100 * r['overhead']:+.1f}% |")
+    mem = out["memory"]
+    if mem:
+        print(f"\nIG {mem['steps']} steps on 1x4x{mem['size']}^3, memory_budget={mem['budget']!r}: peak RSS "
+              f"{mem['peak_kb'] / 1024**2:.2f} GiB (process before explain: {mem['before_kb'] / 1024**2:.2f} GiB), "
+              f"{mem['rows_per_pass']} row(s) per pass, {mem['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
