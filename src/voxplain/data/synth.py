@@ -29,6 +29,21 @@ def _smooth_basis(n: int, points: int) -> np.ndarray:
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def separable_sum(coef: np.ndarray, bases: list[np.ndarray]) -> np.ndarray:
+    """``sum_abc coef[a, b, c] * bases[0][x, a] * bases[1][y, b] * bases[2][z, c]`` as an (X, Y, Z) array.
+
+    Contracted one axis at a time with plain multiply-adds (no BLAS), so the result
+    does not depend on the number of threads: the phantom's bytes must not.
+    """
+    bx, by, bz = (np.asarray(b, np.float32) for b in bases)
+    t = np.einsum("abc,zc->abz", coef.astype(np.float32), bz)  # small
+    t = np.einsum("abz,yb->ayz", t, by)  # (A, Y, Z)
+    out = np.zeros((bx.shape[0],) + t.shape[1:], np.float32)
+    for a in range(bx.shape[1]):
+        out += bx[:, a, None, None] * t[a][None]
+    return out
+
+
 def random_deformation(shape, spacing: float, rng: np.random.Generator, amplitude_mm: float = 3.0,
                        control_points: int = 5, max_scale: float = 0.06, max_rotation_deg: float = 5.0,
                        max_shift_mm: float = 3.0) -> np.ndarray:
@@ -62,7 +77,7 @@ def random_deformation(shape, spacing: float, rng: np.random.Generator, amplitud
             view[in_axis] = shape[in_axis]
             acc += np.float32(matrix[out_axis, in_axis]) * idx[in_axis].reshape(view)
         bases = [_smooth_basis(n, control_points) for n in shape]
-        coords[out_axis] = acc + np.einsum("abc,xa,yb,zc->xyz", coarse[out_axis], *bases, optimize=True)
+        coords[out_axis] = acc + separable_sum(coarse[out_axis], bases)
     return coords
 
 
@@ -93,7 +108,7 @@ def bias_field(shape, rng: np.random.Generator, strength: float = 0.15) -> np.nd
         bases.append(np.stack([np.ones_like(t), t, 1.5 * t * t - 0.5], axis=1))
     coef = rng.normal(0.0, strength / 2, (3, 3, 3)).astype(np.float32)
     coef[0, 0, 0] = 0.0
-    log_field = np.einsum("abc,xa,yb,zc->xyz", coef, *bases, optimize=True)
+    log_field = separable_sum(coef, bases)
     return np.exp(log_field).astype(np.float32)
 
 
@@ -114,8 +129,11 @@ def ball(shape, centre, radius_vox: float) -> np.ndarray:
 def _irregular_distance(offsets: np.ndarray, radius_vox: float, axes: np.ndarray, rotation: np.ndarray,
                         noise: np.ndarray, roughness: float) -> np.ndarray:
     """Normalised distance (< 1 inside) from the centre of a rotated ellipsoid with a noisy border."""
-    local = np.tensordot(rotation.T, offsets, axes=1) / axes.reshape(3, 1, 1, 1)
-    dist = np.sqrt((local ** 2).sum(axis=0)) / radius_vox
+    dist2 = np.zeros(offsets.shape[1:], np.float32)
+    for i in range(3):  # explicit products rather than a BLAS call, for thread-independent results
+        local = sum(np.float32(rotation[j, i]) * offsets[j] for j in range(3)) / np.float32(axes[i])
+        dist2 += local * local
+    dist = np.sqrt(dist2) / np.float32(radius_vox)
     # clipped so that the border stays within about 0.5-1.8 radii: one blob, no far islands
     return dist * (1.0 + roughness * np.clip(noise, -1.5, 1.5))
 
