@@ -283,3 +283,57 @@ def test_monai_basic_unet_with_inplace_activations():
 def test_guided_relu_finds_activations_by_type():
     model = classifier(dims=2)
     assert len(GuidedReLU(model).modules) == 2
+
+
+# ---------------------------------------------------------------------------
+# the kept first pass: forward(keep_graph=True) serves the next gradients() call
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_kept_pass_gives_the_same_gradients_as_a_fresh_pass(guided, inplace):
+    model = classifier(dims=2, inplace=inplace)
+    x = torch.randn(1, 2, 10, 10)
+    layers = [model[0], model[4], model[6]]  # conv feeding an in-place ReLU, conv, last ReLU
+    with Engine(model) as engine:
+        bound = ClassTarget(2).bind(engine.forward(x))
+        fresh = engine.gradients(x, bound, torch.arange(1), layers=layers, guided=guided)
+    with Engine(model) as engine:
+        out = engine.forward(x, keep_graph=True)
+        assert not out.requires_grad and _no_hooks(model)
+        assert engine.trace(x) and [i.name for i in engine.trace(x)] == [str(i) for i in range(10)]
+        kept = engine.gradients(x, ClassTarget(2).bind(out), torch.arange(1), layers=layers, guided=guided)
+        assert engine._pending is None  # used once
+    torch.testing.assert_close(kept.scores, fresh.scores, rtol=0, atol=0)
+    torch.testing.assert_close(kept.inputs, fresh.inputs, rtol=0, atol=0)
+    for a, b in zip(kept.activations + kept.layer_gradients, fresh.activations + fresh.layer_gradients):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert _no_hooks(model)
+
+
+def test_kept_pass_is_dropped_by_other_calls():
+    model = classifier(dims=1)
+    x = torch.randn(1, 2, 8)
+    with Engine(model) as engine:
+        bound = ClassTarget(0).bind(engine.forward(x, keep_graph=True))
+        engine.gradients(x.clone(), bound, torch.arange(1))  # another tensor: a fresh pass
+        assert engine._pending is None
+        engine.forward(x, keep_graph=True)
+        engine.scores(x, bound, torch.arange(1))
+        assert engine._pending is None
+        engine.forward(x, keep_graph=True)
+        engine.release_graph()
+        assert engine._pending is None
+        engine.forward(x, keep_graph=True)
+    assert engine._pending is None  # leaving the engine drops it too
+
+
+def test_kept_pass_serves_the_size_estimate():
+    model = segnet(dims=3)
+    x = torch.randn(1, 2, 8, 8, 8)
+    with Engine(model) as a:
+        expected = a.rows_per_pass(x.shape[1:])
+    with Engine(model) as b:
+        b.forward(x, keep_graph=True)
+        assert tuple(x.shape[1:]) in b._row_bytes
+        assert b.rows_per_pass(x.shape[1:]) == expected
