@@ -23,18 +23,21 @@ import torch
 from voxplain.cli.train import PRESETS
 from voxplain.models import build_model, save_checkpoint, train
 from voxplain.models.curves import plot_history
-from voxplain.models.training_data import load_training_data
+from voxplain.models.training_data import augment_training_set, load_training_data
 
 TARGETS = {"unet": {"val_dice_WT": 0.85, "val_dice_ET": 0.7}, "grade": {"val_accuracy": 0.9},
            "slices": {"val_accuracy": 0.95}}
 
 
-def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | None, progress: bool) -> dict:
-    preset = dict(PRESETS[f"demo-{key}"])
+def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | None, progress: bool,
+            overrides: dict | None = None) -> dict:
+    preset = dict(PRESETS[f"demo-{key}"], **(overrides or {}))
     task = preset["task"]
     data = load_training_data(cohort, task=task, slices=preset.get("slices", False), size=preset.get("size"),
                               resolution=preset.get("resolution"), val_fraction=0.2, seed=preset["seed"],
                               progress=progress)
+    data = augment_training_set(data, preset.get("patch"), preset.get("patches_per_case", 2),
+                                bool(preset.get("flip")), seed=preset["seed"])
     config = dict(preset.get("model_config", {}))
     if preset["model"] == "unet3d":
         config.update(in_channels=data.channels, out_channels=len(data.region_names))
@@ -54,7 +57,7 @@ def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | Non
     kept = next(r for r in history if r["kept"])
     save_checkpoint(model, {"task": task, "benchmark": key}, out / key, history=history)
     plot_history(history, out / key / "learning_curve.png", title=f"bench {key}")
-    result = {"train_items": len(data.train), "val_items": len(data.val), "input_size": list(data.input_size),
+    result = {"settings": preset, "train_items": len(data.train), "val_items": len(data.val), "input_size": list(data.input_size),
               "epochs_run": len(history), "train_seconds": round(seconds, 1), "kept_epoch": kept["epoch"],
               "first_epoch": {k: round(v, 4) for k, v in history[0].items() if k.startswith("val_")},
               "kept": {k: round(v, 4) for k, v in kept.items() if k.startswith("val_")}}
@@ -72,6 +75,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0, help="training time limit per model")
     parser.add_argument("--epochs", type=int, help="override the presets' epoch counts")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override a preset setting, e.g. --set patch='\"32\"' --set lr=0.003")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -82,7 +87,8 @@ def main() -> None:
         generate_cohort(cohort, subjects=args.subjects, seed=0, resolution=args.resolution, progress=not args.quiet)
     results = {}
     for key in args.only or list(TARGETS):
-        results[key] = run_one(key, cohort, out, args.minutes, args.epochs, not args.quiet)
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        results[key] = run_one(key, cohort, out, args.minutes, args.epochs, not args.quiet, overrides)
         print(key, json.dumps(results[key]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_models.json").write_text(json.dumps({"cohort": str(cohort), "threads": args.threads,

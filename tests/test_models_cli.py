@@ -39,13 +39,14 @@ def _check_outputs(out, task, input_size):
 def test_train_segment_cli(cohort, tmp_path):
     out = tmp_path / "unet"
     rc = main(["train", "--task", "segment", "--data", str(cohort), "--out", str(out), "--epochs", "1",
-               "--batch-size", "2", "--size", "24", "--val-fraction", "0.25", "--quiet"])
+               "--batch-size", "2", "--size", "24", "--val-fraction", "0.25", "--patch", "16", "--flip", "--quiet"])
     assert rc == 0
     cfg, history, y = _check_outputs(out, "segment", (24, 24, 24))
     assert cfg["model"] == "unet3d" and cfg["region_names"] == ["TC", "WT", "ET"]
     assert cfg["channel_names"] == ["t1", "t1ce", "t2", "flair"] and cfg["data"] == {
         "path": str(cohort), "kind": "cohort-regions", "train": 3, "val": 1}
     assert {"val_dice_TC", "val_dice_WT", "val_dice_ET"} <= set(history[0])
+    assert cfg["preprocessing"]["training_patches"] == {"size": [16, 16, 16], "per_case": 2, "left_right_flips": True}
     assert y.shape == (1, 3, 24, 24, 24)
 
 

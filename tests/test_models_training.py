@@ -99,3 +99,22 @@ def test_parse_size():
     assert parse_size("64", 2) == (64, 64) and parse_size("48,56,40", 3) == (48, 56, 40)
     with pytest.raises(ValueError, match="1 or 3 positive sides"):
         parse_size("4,4", 3)
+
+
+def test_random_patches_seeded_and_tumour_biased():
+    from voxplain.models.patches import RandomPatches
+    from voxplain.models.training_data import InMemoryDataset
+
+    target = torch.zeros(3, 20, 20, 20)
+    target[:, 14:17, 2:5, 9:12] = 1
+    base = InMemoryDataset([(torch.randn(4, 20, 20, 20), target)] * 2)
+
+    def draw(seed):
+        ds = RandomPatches(base, (8, 8, 8), per_case=10, foreground_fraction=1.0, seed=seed, flip_axes=(0,))
+        return [ds[i] for i in range(len(ds))]
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert len(a) == 20 and a[0][0].shape == (4, 8, 8, 8) and a[0][1].shape == (3, 8, 8, 8)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    assert all(t.sum() > 0 for _, t in a)  # every patch shows tumour with foreground_fraction=1

@@ -48,7 +48,8 @@ PRESETS: dict[str, dict] = {
 }
 
 _DEFAULTS = {"task": "classify", "model": None, "blocks": 3, "epochs": 10, "batch_size": 8, "lr": 1e-3, "seed": 0,
-             "val_fraction": 0.2, "resolution": None, "size": None, "slices": False, "channels": 1, "keep": "best"}
+             "val_fraction": 0.2, "resolution": None, "size": None, "slices": False, "channels": 1, "keep": "best",
+             "patch": None, "patches_per_case": 2, "flip": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cohort voxel size in mm; sets the default crop size")
     parser.add_argument("--size", metavar="S",
                         help="input size: one number or one per axis, e.g. 64 or 48,56,40 (crop/pad or resize)")
+    parser.add_argument("--patch", metavar="S",
+                        help="train on random patches of this size (fully convolutional models, e.g. unet3d)")
+    parser.add_argument("--patches-per-case", type=int, metavar="N", help="patches per sample and epoch (default 2)")
+    parser.add_argument("--flip", action="store_true", default=None, help="random left-right flips in training")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="image folder: 1 grey (default) or 3 RGB")
     parser.add_argument("--keep", choices=["best", "final"],
                         help="save the best validation epoch (default) or the last one")
@@ -119,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..models import build_model, save_checkpoint, train
     from ..models.curves import plot_history
-    from ..models.training_data import load_training_data
+    from ..models.training_data import augment_training_set, load_training_data
 
     settings = _settings(args)
     data = Path(args.data)
@@ -134,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
                                 channels=settings["channels"], val_fraction=settings["val_fraction"],
                                 seed=settings["seed"], progress=progress)
     name = settings["model"] or loaded.default_model
+    if settings["patch"] is not None and name != "unet3d":
+        raise UserError(f"--patch needs a fully convolutional model (unet3d), not {name!r}")
+    loaded = augment_training_set(loaded, settings["patch"], settings["patches_per_case"], bool(settings["flip"]),
+                                  seed=settings["seed"])
     config = dict(settings["model_config"])
     n_in = loaded.channels
     if name == "unet3d":
@@ -159,9 +168,10 @@ def run(args: argparse.Namespace) -> int:
         "channel_names": loaded.channel_names,
         "input_size": list(loaded.input_size),
         "preprocessing": loaded.preprocessing,
-        "data": {"path": str(data), "kind": loaded.kind, "train": len(loaded.train),
+        "data": {"path": str(data), "kind": loaded.kind, "train": len(getattr(loaded.train, "base", loaded.train)),
                  "val": len(loaded.val) if loaded.val is not None else 0},
-        "training": {k: settings[k] for k in ("epochs", "batch_size", "lr", "seed", "val_fraction", "keep")}
+        "training": {k: settings[k] for k in ("epochs", "batch_size", "lr", "seed", "val_fraction", "keep",
+                                              "patch", "patches_per_case", "flip")}
                     | {"preset": args.preset, "device": str(device)},
         "metrics": {k: v for k, v in kept.items() if k.startswith("val_") or k == "epoch"},
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["TrainingData", "InMemoryDataset", "load_training_data", "parse_size"]
+__all__ = ["TrainingData", "InMemoryDataset", "load_training_data", "parse_size", "augment_training_set"]
 
 
 
@@ -167,3 +167,22 @@ def load_training_data(root: str | os.PathLike, task: str = "classify", slices: 
                         channel_names=channel_names, class_names=class_names,
                         region_names=list(dataset.region_names) if task == "segment" else None,
                         preprocessing=prep)
+
+
+def augment_training_set(data: TrainingData, patch=None, per_case: int = 2, flip: bool = False,
+                         seed: int = 0) -> TrainingData:
+    """Train on random patches of ``patch`` size (``per_case`` per sample per epoch) and/or random
+    left-right flips (first spatial axis, RAS); validation stays on whole samples."""
+    if patch is None and not flip:
+        return data
+    from .patches import RandomPatches
+
+    dims = len(data.input_size)
+    size = parse_size(patch, dims) if patch is not None else data.input_size
+    if any(p > n for p, n in zip(size, data.input_size)):
+        raise ValueError(f"patch {size} is larger than the samples {data.input_size}")
+    data.train = RandomPatches(data.train, size, per_case=per_case if patch is not None else 1, seed=seed,
+                               flip_axes=(0,) if flip else ())
+    data.preprocessing["training_patches"] = {"size": list(size), "per_case": data.train.per_case,
+                                              "left_right_flips": bool(flip)}
+    return data
