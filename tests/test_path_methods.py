@@ -261,7 +261,7 @@ class _CaptumMask(saliency.CoreSaliency):
         self.attribution, self.kwargs = attribution, kwargs
 
     def GetMask(self, x_value, call_model_function=None, call_model_args=None):
-        x = torch.tensor(x_value, dtype=torch.float32)[None]
+        x = torch.tensor(x_value, dtype=torch.float32)[None].requires_grad_(True)
         return self.attribution.attribute(x, **self.kwargs)[0].detach().double().numpy()
 
 
@@ -328,7 +328,9 @@ def test_smoothgrad_options():
 
     sg = create_method("smoothgrad_ig", {"base_options": {"steps": 7}})
     assert isinstance(sg, SmoothGradIG) and sg.base.steps == 7 and sg.options()["base"] == "integrated_gradients"
-    assert SmoothGrad(base=IntegratedGradients(steps=3)).base.steps == 3
+    smoothed_ig = SmoothGrad(base=IntegratedGradients(steps=3))
+    assert smoothed_ig.base.steps == 3
+    assert smoothed_ig.options()["base_options"] == {"steps": 3, "rule": "riemann_trapezoid", "baseline": "zeros"}
     for bad, message in [({"base": "nope"}, "unknown method 'nope'"),
                          ({"base_options": {"stepz": 1}}, "unknown option"),
                          ({"noise_level": -1}, "noise_level must be"),

@@ -70,6 +70,12 @@ class SmoothGrad(Method):
         # A single-channel base (Grad-CAM) makes a single-channel smoothed map.
         self.single_channel = self.base.single_channel
 
+    def options(self) -> dict[str, Any]:
+        """SmoothGrad's options, with ``base_options`` as the base method's full options."""
+        out = super().options()
+        out["base_options"] = self.base.options()
+        return out
+
     def layers(self, engine: Engine, x: Tensor) -> list[nn.Module]:
         return self.base.layers(engine, x)
 
