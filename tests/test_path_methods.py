@@ -351,3 +351,24 @@ def test_smoothgrad_over_a_single_channel_base():
     assert torch.equal(maps["smoothgrad"], maps["gradcam"])
     noisy = explain(model, x, 1, ["smoothgrad"], {"smoothgrad": {"base": "gradcam", "samples": 3}})
     assert noisy["smoothgrad"].shape == (2, 1, 16, 16)
+
+
+def test_per_sample_baseline_serves_noisy_copies():
+    torch.manual_seed(13)
+    model, x = classifier(dims=2, seed=13), torch.randn(2, 2, 12, 12)
+    base = torch.randn(2, 2, 12, 12)  # one baseline per original sample
+    ig_opts = {"steps": 4, "rule": "gausslegendre", "baseline": base}
+    maps = explain(model, x, 0, ["smoothgrad_ig", "integrated_gradients"],
+                   {"smoothgrad_ig": {"base_options": ig_opts, "noise_level": 0.0}, "integrated_gradients": ig_opts})
+    assert torch.equal(maps["smoothgrad_ig"], maps["integrated_gradients"])
+    noisy = explain(model, x, 0, ["smoothgrad_ig"], {"smoothgrad_ig": {"base_options": ig_opts, "samples": 3}},
+                    batch_size=2, seed=4)["smoothgrad_ig"]
+    noise = _noise_draws(4, "smoothgrad_ig", 6, x.shape[1:])
+    ig = _captum(captum_attr.IntegratedGradients, model)
+    for i in range(2):
+        sigma = 0.15 * (x[i].max() - x[i].min())
+        copies = torch.stack([x[i] + sigma * n for n in noise[3 * i:3 * i + 3]])
+        ref = ig.attribute(copies, baselines=base[i:i + 1].expand_as(copies), target=0, n_steps=4,
+                           method="gausslegendre").mean(0)
+        assert _rel_err(noisy[i], ref) <= RTOL
+    model.train()

@@ -103,10 +103,12 @@ def resolve_baseline(spec: BaselineSpec, x: Tensor, sample_index: Tensor | None 
     if isinstance(spec, float):
         return torch.full_like(x, spec)
     base = spec.to(device=x.device, dtype=x.dtype)
-    n, row_shape = x.shape[0], tuple(x.shape[1:])
-    if base.ndim == x.ndim and base.shape[0] not in (1, n) and sample_index is not None:
+    row_shape = tuple(x.shape[1:])
+    if base.ndim == x.ndim and base.shape[0] > 1 and sample_index is not None:
         b = batch if batch is not None else int(sample_index.max()) + 1
-        if base.shape[0] == b:  # one baseline per original sample: pick each row's own
+        # One baseline per original sample: each row takes its own sample's, also
+        # when the rows are derived copies (whose count may happen to equal B).
+        if base.shape[0] == b:
             base = base[sample_index.to(x.device)]
     try:
         return torch.broadcast_to(base, x.shape).clone()
