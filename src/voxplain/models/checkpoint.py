@@ -113,6 +113,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None =
         raise ValueError(f"{cfg_path}: cannot rebuild model {meta['model']!r}: {err}") from None
     weights_path = Path(weights) if weights is not None else cfg_path.parent / meta.get("weights", WEIGHTS_NAME)
     _load_weights_into(model, weights_path, device)
+    if device is not None:
+        model.to(device)
     return model.eval(), meta
 
 
@@ -201,6 +203,8 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
       without arguments and ``weights`` (a state_dict file) is loaded with ``weights_only=True``;
     * a TorchScript file (``torch.jit.save``);
     * a file holding a whole pickled ``nn.Module``: refused unless ``allow_unsafe_pickle=True``.
+
+    ``device`` (optional) is where tensors are loaded and the model is moved.
     """
     path = Path(spec)
     if path.exists():
@@ -219,6 +223,8 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
         raise ValueError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     if weights is not None:
         _load_weights_into(model, Path(weights), device)
+    if device is not None:
+        model.to(device)
     return model.eval()
 
 
@@ -244,7 +250,7 @@ def _load_model_file(path: Path, allow_unsafe_pickle: bool, device=None) -> nn.M
         except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is unusable
             raise ValueError(f"{path}: cannot unpickle the model ({type(err).__name__}: {err})") from None
     if isinstance(obj, nn.Module):
-        return obj.eval()
+        return (obj.to(device) if device is not None else obj).eval()
     if isinstance(obj, Mapping):
         raise ValueError(f"{path} holds only weights (a state_dict), not a model; give the architecture as "
                          "'module:factory' (or a voxplain checkpoint folder) with this file as the weights")
