@@ -1,0 +1,89 @@
+"""Cases to evaluate from a BraTS-layout cohort (real BraTS or the phantom) or a 2D image folder.
+
+Cohort cases are loaded like the models were trained on them
+(:class:`voxplain.data.datasets.BratsCohortDataset`: z-score per modality,
+crop/pad around the brain); their ground truth is the segmentation as region
+masks in :data:`voxplain.data.preprocess.REGIONS` order (TC, WT, ET), cropped
+the same way, and, for phantom cohorts made with a shortcut marker, the
+marker's ball (from ``cohort.json``) on cases that carry it (``subjects.csv``).
+Image-folder samples have no masks: only faithfulness, PIC, complexity and
+randomisation apply.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..targets import BratsRegionTarget, ClassTarget
+from .runner import EvalCase
+from .shortcut import cohort_marker, marker_mask
+
+__all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases"]
+
+
+def _dataset(root, task: str, size):
+    from ..data.datasets import BratsCohortDataset
+
+    return BratsCohortDataset(root, task="grade" if task == "classify" else "segment",
+                              size=None if size is None else tuple(size))
+
+
+def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None) -> int:
+    """How many cases :func:`cohort_cases` can yield."""
+    return len(_dataset(root, task, size))
+
+
+def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
+                 region: str = "WT", region_channels: Sequence[str] | None = None,
+                 limit: int | None = None) -> Iterator[EvalCase]:
+    """Yield :class:`EvalCase` objects, one per case, loaded lazily.
+
+    Args:
+        task: ``"classify"`` (grade; explains the predicted class) or ``"segment"``
+            (explains BraTS region ``region`` of a region-channel model whose channels
+            are ``region_channels``, default TC, WT, ET).
+        size: crop size the model expects (default: the dataset's default for the voxel size).
+        limit: at most this many cases (in the cohort's order).
+    """
+    from ..data.brats import read_subjects_table
+    from ..data.preprocess import REGIONS, labels_to_regions
+
+    if task not in ("classify", "segment"):
+        raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
+    ds = _dataset(root, task, size)
+    marker_info = cohort_marker(root)
+    table = read_subjects_table(root) if marker_info is not None else {}
+    n = len(ds) if limit is None else min(limit, len(ds))
+    for i in range(n):
+        image, _ = ds[i]
+        case = ds.case(i)
+        box = ds.crop_box(i)
+        regions = None
+        if case.seg is not None:
+            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(case.seg))))
+        marker = None
+        if marker_info is not None and str(table.get(case.name, {}).get("shortcut", "0")) in ("1", "True", "true"):
+            full = marker_mask(case.shape, case.meta.ras_affine, marker_info[0], marker_info[1])
+            marker = np.asarray(box.apply(full.astype(np.float32))) > 0.5
+        if task == "classify":
+            target = ClassTarget(None)
+        else:
+            target = BratsRegionTarget(region, layout="regions", channels=tuple(region_channels or REGIONS))
+        yield EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
+
+
+def image_folder_cases(root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1,
+                       limit: int | None = None) -> Iterator[EvalCase]:
+    """Yield the images of a class-per-folder image folder (no ground-truth masks)."""
+    from ..data.datasets import ImageFolderDataset
+
+    ds = ImageFolderDataset(root, size=tuple(size), channels=channels)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    for i in range(n):
+        image, _ = ds[i]
+        yield EvalCase(ds.names[i], image, ClassTarget(None))
