@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of the spurious marker in HGG subjects [and in the others] "
                              "(default 0: no marker)")
     parser.add_argument("--prefix", default="PHANTOM", help="subject name prefix (default PHANTOM)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="subjects generated at the same time (default 2; output does not depend on it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows = generate_cohort(args.out, subjects=args.subjects, seed=args.seed, resolution=args.resolution,
                            grades=args.grades, healthy_fraction=args.healthy_fraction, shortcut=args.shortcut,
-                           prefix=args.prefix, progress=not args.quiet)
+                           prefix=args.prefix, progress=not args.quiet,
+                           workers=args.workers)
     if not args.quiet:
         counts = {g: sum(r["grade"] == g for r in rows) for g in ("HGG", "LGG", "none")}
         markers = sum(int(r["shortcut"]) for r in rows)
