@@ -106,6 +106,14 @@ def test_train_cli_user_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_presets_are_complete():
+def test_presets_are_complete_and_overridable():
+    from voxplain.cli import build_parser
+    from voxplain.cli.train import _settings
+
     for name, preset in PRESETS.items():
         assert {"task", "model", "epochs", "batch_size", "lr", "seed"} <= set(preset), name
+    args = build_parser().parse_args(["train", "--preset", "demo-slices", "--data", "d", "--out", "o",
+                                      "--epochs", "3"])
+    settings = _settings(args)
+    assert settings["slices"] and settings["model"] == "cnn2d" and settings["model_config"] == {"blocks": 5}
+    assert settings["epochs"] == 3 and settings["lr"] == PRESETS["demo-slices"]["lr"]

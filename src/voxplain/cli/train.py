@@ -47,7 +47,7 @@ PRESETS: dict[str, dict] = {
                     "batch_size": 32, "lr": 1e-3, "seed": 0},
 }
 
-_DEFAULTS = {"task": "classify", "model": None, "blocks": 3, "epochs": 10, "batch_size": 8, "lr": 1e-3, "seed": 0,
+_DEFAULTS = {"task": "classify", "model": None, "blocks": None, "epochs": 10, "batch_size": 8, "lr": 1e-3, "seed": 0,
              "val_fraction": 0.2, "resolution": None, "size": None, "slices": False, "channels": 1, "keep": "best",
              "patch": None, "patches_per_case": 2, "flip": False}
 
@@ -94,8 +94,8 @@ def _settings(args: argparse.Namespace) -> dict:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
-    if args.blocks is not None:
-        settings["model_config"] = dict(settings["model_config"], blocks=args.blocks)
+    if settings["blocks"] is not None:
+        settings["model_config"] = dict(settings["model_config"], blocks=settings["blocks"])
     if not 0 <= settings["val_fraction"] < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {settings['val_fraction']}")
     if settings["slices"] and settings["task"] != "classify":
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(name, **config)
     history = train(model, loaded.train, loaded.val, task=settings["task"], epochs=settings["epochs"],
                     batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
-                    progress=progress, device=device, region_names=loaded.region_names or ("ET", "TC", "WT"),
+                    progress=progress, device=device, **({"region_names": loaded.region_names} if loaded.region_names else {}),
                     keep=settings["keep"] if loaded.val is not None else "final",
                     time_limit=args.max_minutes * 60 if args.max_minutes else None)
     kept = next(r for r in history if r["kept"])
