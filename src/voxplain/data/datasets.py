@@ -13,7 +13,6 @@ which keep all items of a case on one side of the split.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Sequence
@@ -150,6 +149,8 @@ class SliceDataset(Dataset):
             raise ValueError(f"{self.root}: no BraTS case folders (sub-folders with NAME_t1/t1ce/t2/flair files)")
         self.size = None if size is None else tuple(int(n) for n in size)
         self.class_names = list(TUMOUR_CLASSES)
+        self._last_case: tuple[int, BratsCase] | None = None
+        self._last_volume: tuple | None = None
         self.items: list[tuple[int, int]] = []
         self.labels: list[int] = []
         self.groups: list[int] = []
@@ -168,19 +169,22 @@ class SliceDataset(Dataset):
                 self.groups.append(ci)
         self.names = [f"{self.cases[c].name}:{s}" for c, s in self.items]
 
-    @functools.lru_cache(maxsize=2)  # items are ordered by case: sequential reads load each case once
     def _case(self, index: int) -> BratsCase:
-        return load_brats_case(self.cases[index], self.modalities, require_seg=True)
+        # items are ordered by case, so keeping the last case loaded makes sequential reads load each once
+        if self._last_case is None or self._last_case[0] != index:
+            self._last_case = (index, load_brats_case(self.cases[index], self.modalities, require_seg=True))
+        return self._last_case[1]
 
-    @functools.lru_cache(maxsize=2)
-    def _volume(self, index: int) -> tuple[np.ndarray, tuple[float, ...], tuple[int, int]]:
-        case = self._case(index)
-        full = default_crop_size(_voxel_size(case))
-        size = self.size or tuple(n for a, n in enumerate(full) if a != self.axis)
-        centre = tuple(c for a, c in enumerate(foreground_centre(case.image)) if a != self.axis)
-        if len(size) != 2:
-            raise ValueError(f"slice size must be (H, W), got {size}")
-        return zscore_nonzero(case.image), centre, tuple(size)
+    def _volume(self, index: int) -> tuple[np.ndarray, tuple[float, ...], tuple[int, ...]]:
+        if self._last_volume is None or self._last_volume[0] != index:
+            case = self._case(index)
+            full = default_crop_size(_voxel_size(case))
+            size = self.size or tuple(n for a, n in enumerate(full) if a != self.axis)
+            if len(size) != 2:
+                raise ValueError(f"slice size must be (H, W), got {size}")
+            centre = tuple(c for a, c in enumerate(foreground_centre(case.image)) if a != self.axis)
+            self._last_volume = (index, zscore_nonzero(case.image), centre, tuple(size))
+        return self._last_volume[1:]
 
     def __len__(self) -> int:
         return len(self.items)
