@@ -55,8 +55,12 @@ def _slice(array: np.ndarray, z: int | None, ras_plane: bool = False) -> np.ndar
 
 
 def _save(fig, path) -> None:
+    # fixed margins: a "tight" bounding box measures every text artist and costs more than the drawing
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=0.5 / w, right=1 - 0.05 / w, bottom=0.05 / h, top=1 - 0.6 / h, wspace=0.05,
+                        hspace=0.25)
     with atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -69,7 +73,7 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
         methods += [m for m in r.maps if m not in methods]
     n_ch = max(len(r.channels) for r in rows)
     n_cols = n_ch + len(methods)
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(_CELL * n_cols, _CELL * len(rows) + 0.4),
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(_CELL * n_cols + 0.5, _CELL * len(rows) + 0.6),
                              squeeze=False)
     for i, row in enumerate(rows):
         shown = {m: display_map(row.maps[m])[0] for m in row.maps}
@@ -82,7 +86,7 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
             ax.set_yticks([])
             ax.set_frame_on(False)
         for c, name in enumerate(row.channels):
-            axes[i, c].imshow(_slice(display_image(row.image[c]), z, row.ras_plane), cmap="gray", vmin=0, vmax=1)
+            axes[i, c].imshow(_slice(display_image(row.image[c]), z, row.ras_plane), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if i == 0:
                 axes[i, c].set_title(name, fontsize=9)
         for j, m in enumerate(methods):
@@ -90,7 +94,7 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
             if i == 0:
                 ax.set_title(m.replace("_", " "), fontsize=9)
             if m in shown:
-                ax.imshow(_slice(shown[m], z, row.ras_plane), cmap=MAP_CMAP, vmin=0, vmax=1)
+                ax.imshow(_slice(shown[m], z, row.ras_plane), cmap=MAP_CMAP, vmin=0, vmax=1, interpolation="nearest")
         label = row.label + (f"\naxial z={z}" if z is not None else "")
         axes[i, 0].set_ylabel(label, fontsize=8)
     if title:
@@ -118,14 +122,14 @@ def inspection_grid(path: str | os.PathLike, image, layers: dict[str, np.ndarray
         z = best_slice(sum(cams.values()), axis=-1)
     base = display_image(image[channel])
     rows, cols = _panel_grid(len(cams) + 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols, _CELL * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols + 0.5, _CELL * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    axes.flat[0].imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1)
+    axes.flat[0].imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     axes.flat[0].set_title("input", fontsize=8)
     for ax, (name, cam) in zip(axes.flat[1:], cams.items()):
-        ax.imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1)
-        ax.imshow(_slice(cam, z, ras_plane), cmap="jet", vmin=0, vmax=1, alpha=0.5)
+        ax.imshow(_slice(base, z, ras_plane), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(_slice(cam, z, ras_plane), cmap="jet", vmin=0, vmax=1, alpha=0.5, interpolation="nearest")
         ax.set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -140,11 +144,11 @@ def filter_grid(path: str | os.PathLike, activations, layer: str, max_filters: i
     acts = acts[:max_filters]
     z = best_slice(np.abs(acts).sum(0), axis=-1) if acts.ndim == 4 else None
     rows, cols = _panel_grid(len(acts))
-    fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols, _CELL * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols + 0.5, _CELL * rows + 0.6), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for k, (ax, a) in enumerate(zip(axes.flat, acts)):
-        ax.imshow(_slice(a, z), cmap="viridis")
+        ax.imshow(_slice(a, z), cmap="viridis", interpolation="nearest")
         ax.set_title(f"filter {k}", fontsize=7)
     fig.suptitle(f"activations of {layer}" + (f" (axial z={z})" if z is not None else ""), fontsize=10)
     _save(fig, path)

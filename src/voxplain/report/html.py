@@ -32,7 +32,7 @@ DEFAULT_MAX_VOXELS = 64**3
 
 
 def _pack(values: np.ndarray) -> str:
-    return base64.b64encode(zlib.compress(quantise(values).tobytes(order="C"), 9)).decode("ascii")
+    return base64.b64encode(zlib.compress(quantise(values).tobytes(order="C"), 6)).decode("ascii")
 
 
 def _as_volume(a: np.ndarray, ras_plane: bool = False) -> np.ndarray:
