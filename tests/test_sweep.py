@@ -232,7 +232,7 @@ def test_two_machines_share_one_postgresql_storage(tmp_path, postgres_url):
                                                                              "--storage", postgres_url)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
     import optuna
 
     study = optuna.load_study(study_name="voxplain-cxai-sweep", storage=postgres_url)

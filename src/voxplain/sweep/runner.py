@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -68,11 +69,24 @@ def _storage(settings: SweepSettings) -> RDBStorage:
     )
 
 
-def open_study(settings: SweepSettings) -> optuna.Study:
-    """Create or load the sweep's study (maximising best validation accuracy) on a grid sampler."""
-    sampler = optuna.samplers.GridSampler(settings.grid.search_space, seed=settings.seed)
-    return optuna.create_study(study_name=STUDY_NAME, storage=_storage(settings), sampler=sampler,
-                               direction="maximize", load_if_exists=True)
+def open_study(settings: SweepSettings, attempts: int = 6) -> optuna.Study:
+    """Create or load the sweep's study (maximising best validation accuracy) on a grid sampler.
+
+    Workers on several machines may start together; the one that loses the race to
+    create the tables or the study sees an integrity error, and simply tries again.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            sampler = optuna.samplers.GridSampler(settings.grid.search_space, seed=settings.seed)
+            return optuna.create_study(study_name=STUDY_NAME, storage=_storage(settings), sampler=sampler,
+                                       direction="maximize", load_if_exists=True)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
 
 
 def grid_status(study: optuna.Study, grid: SweepGrid) -> dict[str, list]:
