@@ -65,7 +65,7 @@ _TISSUES = ("csf", "gm", "wm", "oedema", "necrosis", "enhancing", "core_lgg", "v
 _CONTRAST = {
     #          csf   gm    wm   oedema necro  enh   coreLGG vessel marker
     "t1":    (0.30, 0.62, 1.00, 0.62, 0.35, 0.70, 0.50, 0.75, 1.60),
-    "t1ce":  (0.30, 0.64, 1.00, 0.64, 0.33, 1.45, 0.52, 1.45, 1.60),
+    "t1ce":  (0.30, 0.64, 1.00, 0.64, 0.33, 1.55, 0.52, 1.35, 1.60),
     "t2":    (1.00, 0.62, 0.42, 0.86, 0.96, 0.70, 0.98, 0.60, 1.40),
     "flair": (0.12, 0.66, 0.50, 0.90, 0.45, 0.74, 1.00, 0.60, 1.40),
 }
@@ -209,9 +209,9 @@ def generate_subject(name: str, grade: str, shortcut: bool, seed, resolution: in
     # other bright spots on t1ce (vessels, choroid plexus): not tumour, in every subject
     vessels = np.zeros(shape, bool)
     spots = np.argwhere(mask & (seg == 0) & (ndimage.distance_transform_cdt(mask) > 2))
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(2, 6))):
         spot = spots[rng.integers(len(spots))]
-        vessels |= synth.ball(shape, spot, max(rng.uniform(1.5, 3.5) / spacing, 0.9))
+        vessels |= synth.ball(shape, spot, max(rng.uniform(1.5, 3.0) / spacing, 0.9))
     vessels &= mask & (seg == 0)
 
     marker = synth.ball(shape, marker_vox, _SHORTCUT_RADIUS_MM / spacing) & mask if shortcut else None
