@@ -6,6 +6,7 @@ The browser is driven over the Chrome DevTools Protocol on a pipe
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -41,8 +42,12 @@ class Browser:
         self._resp_r, resp_w = os.pipe()
 
         def child_fds():  # the protocol's fixed descriptors in the browser process
-            os.dup2(cmd_r, 3)
-            os.dup2(resp_w, 4)
+            # move both ends above 3 and 4 first: a pipe end may already be fd 3 or 4, and
+            # dup2 onto itself would leave it close-on-exec
+            high_r = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10)
+            high_w = fcntl.fcntl(resp_w, fcntl.F_DUPFD, 10)
+            os.dup2(high_r, 3)
+            os.dup2(high_w, 4)
 
         self.proc = subprocess.Popen(
             [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -40,8 +40,7 @@ class GridRow:
 
 def study_rows(study: Study) -> list[GridRow]:
     """One grid row per target of ``study``."""
-    return [GridRow(f"{study.name}: {target}" if len(study.maps) > 1 else study.name,
-                    study.image, study.channels, maps, study.ras_plane)
+    return [GridRow(str(target), study.image, study.channels, maps, study.ras_plane)
             for target, maps in study.maps.items()]
 
 

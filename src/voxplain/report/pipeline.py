@@ -165,9 +165,14 @@ def parse_targets(task: str, spec: str | None, output: torch.Tensor, config: dic
         if task == "classify":
             out.append((label, ClassTarget(i)))
         else:
-            activation = "sigmoid" if "sigmoid" in str(config.get("output", "")) else "softmax"
+            activation = "sigmoid" if _independent(config) else "softmax"
             out.append((label, SegmentationTarget(i, region=region, activation=activation)))
     return out
+
+
+def _independent(config: dict) -> bool:
+    """True when the checkpoint says its output channels are independent sigmoid regions."""
+    return "sigmoid" in str(config.get("output", ""))
 
 
 def _forward(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
@@ -192,7 +197,7 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     class_names = _names_for(loaded.config, task)
     maps: dict[str, dict[str, Any]] = {}
     per_target: dict[str, Any] = {}
-    prediction = prediction_summary(output, 0, class_names)
+    prediction = prediction_summary(output, 0, class_names, independent=_independent(loaded.config))
     for label, target in targets:
         expl = explain_detailed(loaded.model, prepared.x, target, methods, options, device=device,
                                 batch_size=batch_size, memory_budget=memory_budget, seed=seed, progress=progress)
@@ -284,7 +289,7 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     names = list(layers)
     shown = {f"{label}": {f"gradcam@{n}": layers[n] for n in dict.fromkeys([names[0], names[len(names) // 2],
                                                                             names[-1]])}}
-    prediction = prediction_summary(output, 0, _names_for(loaded.config, task))
+    prediction = prediction_summary(output, 0, _names_for(loaded.config, task), independent=_independent(loaded.config))
     study = Study(case.name, prepared.x[0].numpy(), case.channels, shown, prediction=prediction,
                   settings={"model": loaded.spec, "task": task, "target": label, "layers": names,
                             "filters_of": layer, "preprocessing": prepared.notes},

@@ -35,12 +35,13 @@ def jsonable(value: Any) -> Any:
 
 
 def prediction_summary(output: torch.Tensor, sample: int = 0, class_names: list[str] | None = None,
-                       score: float | None = None, target: dict | None = None) -> dict[str, Any]:
+                       score: float | None = None, target: dict | None = None,
+                       independent: bool = False) -> dict[str, Any]:
     """The model's prediction for one sample of a (B, K) or (B, K, *spatial) output.
 
     Classification: predicted class, its name and softmax probabilities (sigmoid for K == 1).
-    Segmentation: voxels per channel predicted positive (sigmoid > 0.5 if the
-    channels are independent regions, else argmax counts).
+    Segmentation: voxels per channel predicted positive: sigmoid > 0.5 if the channels
+    are ``independent`` regions (or a single channel), else argmax counts.
     """
     out = output[sample].detach().float().cpu()
     summary: dict[str, Any] = {}
@@ -57,10 +58,7 @@ def prediction_summary(output: torch.Tensor, sample: int = 0, class_names: list[
     else:
         names = class_names if class_names and len(class_names) == out.shape[0] else \
             [str(i) for i in range(out.shape[0])]
-        if len(names) > 1 and float(out.min()) >= 0 and float(out.max()) <= 1:
-            positive = out > 0.5
-        else:
-            positive = (torch.sigmoid(out) > 0.5) if len(names) == 1 else None
+        positive = (torch.sigmoid(out) > 0.5) if independent or len(names) == 1 else None
         if positive is None:
             labels = out.argmax(0)
             counts = {n: int((labels == i).sum()) for i, n in enumerate(names)}
