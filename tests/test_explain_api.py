@@ -203,6 +203,16 @@ def test_non_finite_input(value, what):
         explain(classifier(dims=2), x, 0, methods=["vanilla_gradient"])
 
 
+def test_large_finite_input_is_not_mistaken_for_infinite():
+    from voxplain.explain import check_input
+
+    x = torch.full((1, 1, 4, 4), 3e38)  # its sum overflows float32
+    assert torch.equal(check_input(x), x)
+    x[0, 0, 1, 1] = float("-inf")
+    with pytest.raises(ValueError, match="0 NaN and 1 infinite"):
+        check_input(x)
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (2, 8), (1, 1, 2, 4, 4, 4), (4,)])
 def test_wrong_rank(shape):
     with pytest.raises(ValueError, match=r"\(B, C, \*spatial\).*got %d dim" % len(shape)):

@@ -59,8 +59,10 @@ def check_input(x) -> Tensor:
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
     if x.numel() == 0:
         raise ValueError(f"input is empty: shape {tuple(x.shape)}")
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    # One reduction finds NaN/Inf (they propagate through a sum); only then, or on an
+    # overflowing sum of finite values, is the element-wise check run.
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
         n_nan = int(torch.isnan(x).sum())
         raise ValueError(
             f"input contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite value(s); "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -181,14 +181,15 @@ class _RegionMaskMixin:
 
     region: Union[None, str, Tensor]
 
-    def _resolve_region(self, output: Tensor, predicted: Tensor) -> Tensor | None:
+    def _resolve_region(self, output: Tensor, predicted: Callable[[], Tensor]) -> Tensor | None:
+        """The pooling mask (B, *spatial) on the CPU, or None; ``predicted()`` makes the predicted mask."""
         b, spatial = output.shape[0], tuple(output.shape[2:])
         if self.region is None:
             return None
         if isinstance(self.region, str):
             if self.region != "predicted":
                 raise ValueError(f"region must be None, 'predicted' or a mask, got {self.region!r}")
-            mask = predicted
+            mask = predicted()
         else:
             mask = torch.as_tensor(self.region)
             if mask.dtype != torch.bool:
@@ -252,11 +253,14 @@ class SegmentationTarget(_RegionMaskMixin, Target):
         b, k = output.shape[:2]
         classes = _per_sample_index(self.index, b, k, "segmentation class")
         out = output.detach()
-        if self.activation == "sigmoid" or k == 1:
-            predicted_all = out > 0
-        else:
-            predicted_all = torch.nn.functional.one_hot(out.argmax(dim=1), k).movedim(-1, 1).bool()
-        predicted = predicted_all[torch.arange(b), classes.to(out.device)].cpu()
+
+        def predicted() -> Tensor:
+            if self.activation == "sigmoid" or k == 1:
+                predicted_all = out > 0
+            else:
+                predicted_all = torch.nn.functional.one_hot(out.argmax(dim=1), k).movedim(-1, 1).bool()
+            return predicted_all[torch.arange(b), classes.to(out.device)].cpu()
+
         mask = self._resolve_region(output, predicted)
         return _BoundSegmentation(classes, mask, self.output, self.activation)
 
@@ -336,14 +340,18 @@ class BratsRegionTarget(_RegionMaskMixin, Target):
         out = output.detach()
         if self.layout == "regions":
             members = [self.channels.index(self.name)]
-            predicted = (out[:, members[0]] > 0).cpu()
         else:
             members = [self.channels.index(v) for v in BRATS_LABELS[self.name]]
+
+        def predicted() -> Tensor:
+            if self.layout == "regions":
+                return (out[:, members[0]] > 0).cpu()
             labels = out.argmax(dim=1)
-            predicted = torch.zeros_like(labels, dtype=torch.bool)
+            region = torch.zeros_like(labels, dtype=torch.bool)
             for m in members:
-                predicted |= labels == m
-            predicted = predicted.cpu()
+                region |= labels == m
+            return region.cpu()
+
         mask = self._resolve_region(output, predicted)
         return _BoundBratsRegion(torch.full((b,), members[0], dtype=torch.long), tuple(members), mask,
                                  self.layout, self.output, self.name)
