@@ -41,6 +41,21 @@ def clock() -> float:
 THREADS = 2
 
 
+def dice_where_present(model, dataset, region_names) -> dict:
+    """Mean Dice per region over the validation cases that have that region (no empty-empty 1s)."""
+    from voxplain.models.training import dice_per_case
+
+    model.eval()
+    scores = {r: [] for r in region_names}
+    with torch.no_grad():
+        for x, y in dataset:
+            d = dice_per_case(model(x[None]) > 0, y[None] > 0.5)[0]
+            for r, value, present in zip(region_names, d.tolist(), (y.flatten(1).sum(1) > 0).tolist()):
+                if present:
+                    scores[r].append(value)
+    return {r: round(sum(v) / len(v), 4) if v else None for r, v in scores.items()}
+
+
 def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | None, progress: bool,
             overrides: dict | None = None) -> dict:
     preset = dict(PRESETS[f"demo-{key}"], **(overrides or {}))
@@ -60,11 +75,20 @@ def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | Non
             config["blocks"] = preset["blocks"]
     torch.manual_seed(preset["seed"])
     model = build_model(preset["model"], **config)
+    (out / key).mkdir(parents=True, exist_ok=True)
+    log = out / f"{key}_epochs.jsonl"
+    log.write_text("")
+
+    def on_epoch_end(record: dict) -> None:
+        record["cpu_seconds_per_thread"] = round(clock() - cpu_start, 1)
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
     start, cpu_start = time.perf_counter(), clock()
     history = train(model, data.train, data.val, task=task, epochs=epochs or preset["epochs"],
                     batch_size=preset["batch_size"], lr=preset["lr"], seed=preset["seed"], progress=progress,
                     keep="best", region_names=data.region_names or ("TC", "WT", "ET"),
-                    time_limit=minutes * 60 if minutes else None, clock=clock)
+                    time_limit=minutes * 60 if minutes else None, clock=clock, on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
     kept = next(r for r in history if r["kept"])
     save_checkpoint(model, {"task": task, "benchmark": key}, out / key, history=history)
@@ -74,6 +98,8 @@ def run_one(key: str, cohort: Path, out: Path, minutes: float, epochs: int | Non
               "cpu_seconds_per_thread": round(clock() - cpu_start, 1), "kept_epoch": kept["epoch"],
               "first_epoch": {k: round(v, 4) for k, v in history[0].items() if k.startswith("val_")},
               "kept": {k: round(v, 4) for k, v in kept.items() if k.startswith("val_")}}
+    if task == "segment":
+        result["val_dice_present"] = dice_where_present(model, data.val, data.region_names)
     result["passed"] = all(kept.get(k, 0) >= v for k, v in TARGETS[key].items())
     return result
 
