@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ._checks import as_map, voxel_relevance
 from ._model import Prepared, blur, prepared
 
-__all__ = ["PicResult", "AggregatePic", "pic_curves", "pic_on", "aggregate_pic", "sparse_fill",
+__all__ = ["PicResult", "AggregatePic", "pic_curves", "pic_on", "pic_metrics_on", "aggregate_pic", "sparse_fill",
            "information", "random_mask", "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.21, 0.34, 0.5, 0.75)
@@ -187,14 +187,22 @@ def _predictions(p: Prepared, rows: Tensor, sample: int, metric: str) -> np.ndar
     return (out.argmax(dim=1) == int(classes[sample])).double().cpu().numpy()
 
 
-def pic_on(p: Prepared, saliency, metric: str = "sic", thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-           random_masks=None, random_fraction: float = 0.01, bottom: str = "auto", blur_sigma: float = 8.0,
-           estimator: str = "auto", value_range: tuple[float, float] | None = None,
-           min_pred_value: float = 0.0, keep_monotonous: bool = True, num_points: int = 1000,
-           reduce: str = "abs", seed: int = 0) -> list[PicResult]:
+def pic_on(p: Prepared, saliency, metric: str = "sic", **kwargs) -> list[PicResult]:
     """PIC for every sample with a prepared engine; see :func:`pic_curves`."""
-    if metric not in ("sic", "aic"):
-        raise ValueError(f"metric must be 'sic' or 'aic', got {metric!r}")
+    return pic_metrics_on(p, saliency, (metric,), **kwargs)[metric]
+
+
+def pic_metrics_on(p: Prepared, saliency, metrics: Sequence[str] = ("sic", "aic"),
+                   thresholds: Sequence[float] = DEFAULT_THRESHOLDS, random_masks=None,
+                   random_fraction: float = 0.01, bottom: str = "auto", blur_sigma: float = 8.0,
+                   estimator: str = "auto", value_range: tuple[float, float] | None = None,
+                   min_pred_value: float = 0.0, keep_monotonous: bool = True, num_points: int = 1000,
+                   reduce: str = "abs", seed: int = 0) -> dict[str, list[PicResult]]:
+    """Several PIC kinds (``"sic"``, ``"aic"``) from one set of rebuilt inputs: ``{kind: results}``."""
+    metrics = list(metrics)
+    bad = [m for m in metrics if m not in ("sic", "aic")]
+    if bad or not metrics:
+        raise ValueError(f"metric must be 'sic' or 'aic', got {bad or metrics!r}")
     th = [float(t) for t in thresholds]
     if not th or any(not 0.0 <= t <= 1.0 for t in th) or any(b < a for a, b in zip(th, th[1:])):
         raise ValueError(f"thresholds must be ascending fractions in [0, 1], got {list(thresholds)}")
@@ -219,7 +227,7 @@ def pic_on(p: Prepared, saliency, metric: str = "sic", thresholds: Sequence[floa
         masks = list(rm)
     images = x.detach().cpu().numpy()
     blurred = blur(x, blur_sigma).cpu().numpy() if bottom == "blur" else [None] * b
-    results = []
+    results: dict[str, list[PicResult]] = {m: [] for m in metrics}
     for i in range(b):
         img = images[i]
         if value_range is None:
@@ -235,8 +243,9 @@ def pic_on(p: Prepared, saliency, metric: str = "sic", thresholds: Sequence[floa
         filled.append(img)
         info = [information(f, lo, hi, estimator) for f in filled]
         rows = torch.from_numpy(np.stack(filled)).to(x.device, x.dtype)
-        preds = _predictions(p, rows, i, metric)
-        results.append(_curve(preds, info, th, min_pred_value, keep_monotonous, num_points))
+        for m in metrics:
+            preds = _predictions(p, rows, i, m)
+            results[m].append(_curve(preds, info, th, min_pred_value, keep_monotonous, num_points))
     return results
 
 

@@ -35,7 +35,7 @@ from .complexity import complexity_metrics
 from .faithfulness import curves_on
 from .features import feature_errors
 from .localisation import localisation_metrics
-from .pic import aggregate_pic, pic_on
+from .pic import aggregate_pic, pic_metrics_on
 from .randomisation import cascading_randomisation, random_logit
 from ._model import prepared
 from .shortcut import marker_share
@@ -165,10 +165,10 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
                         curve_store[m].setdefault("fractions", c.fractions)
                 if "pic" in families:
                     kinds = ("sic", "aic") if is_classifier else ("sic",)
+                    pic = pic_metrics_on(p, amap, kinds, seed=seed, num_points=101, **pic_kw)
                     for kind in kinds:
-                        r = pic_on(p, amap, kind, seed=seed, num_points=101, **pic_kw)[0]
-                        values[f"{kind}_auc"] = r.auc
-                        curve_store[m][kind].append(r)
+                        values[f"{kind}_auc"] = pic[kind][0].auc
+                        curve_store[m][kind].append(pic[kind][0])
                 if "localisation" in families and regions is not None:
                     for j, rname in enumerate(case.region_names):
                         loc = localisation_metrics(amap, regions[:, j], tolerance)
