@@ -48,13 +48,18 @@ def display_map(attribution, reduction: str = "abs_sum", percentile: float = 99.
 
 
 def display_image(channel, low: float = 1.0, high: float = 99.0) -> np.ndarray:
-    """A grey image/volume scaled to [0, 1] between its ``low`` and ``high`` percentiles (of non-zero voxels)."""
+    """A grey image/volume scaled to [0, 1] between its ``low`` and ``high`` percentiles (of non-zero voxels).
+
+    Exact zeros (the background of a skull-stripped, z-scored scan) stay black.
+    """
     c = as_numpy(channel)
     values = c[c != 0] if np.any(c != 0) else c.ravel()
     lo, hi = np.percentile(values, [low, high]) if values.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
-    return np.clip((c - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    out = np.clip((c - lo) / (hi - lo), 0.0, 1.0)
+    out[c == 0] = 0.0
+    return out.astype(np.float32)
 
 
 def downsample(volume: np.ndarray, max_voxels: int) -> tuple[np.ndarray, int]:
