@@ -217,7 +217,8 @@ def bench_case(case: Case, args) -> list[dict]:
 
             rw, rc, ref = timed(pair_sgig)
             row("smoothgrad_ig", (w, c), (rw, rc), "PAIR IG.GetSmoothedMask",
-                f"corr {correlation(mine, from_channels_last(ref)):.3f}", note="different noise draws")
+                f"corr {correlation(mine, from_channels_last(ref)):.3f}",
+                note="different noise draws (two of our seeds correlate as little on untrained nets)")
         else:
             row("smoothgrad_ig", (w, c))
 
