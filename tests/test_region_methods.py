@@ -321,3 +321,14 @@ def test_xrai_bad_options():
         XRAI(base_attribution=torch.zeros(1, 2, 16))(tm.classifier(1).eval(), torch.randn(1, 2, 16))
     with pytest.raises(ValueError, match="unknown option"):
         voxplain.create_method("xrai", {"window": 3})
+
+
+def test_top_fraction_keeps_the_highest_voxels():
+    from voxplain.methods.xrai import top_fraction
+
+    xmap = torch.arange(200, dtype=torch.float32).view(2, 1, 10, 10)
+    keep = top_fraction(xmap, 0.08)
+    assert keep.shape == xmap.shape and keep.flatten(1).sum(1).tolist() == [8, 8]
+    assert bool(keep[0, 0, 9, 2:].all()) and not bool(keep[0, 0, 9, 1])
+    with pytest.raises(ValueError, match="fraction"):
+        top_fraction(xmap, 0)
