@@ -117,8 +117,8 @@ def inspection_grid(path: str | os.PathLike, image, layers: dict[str, np.ndarray
         raise ValueError("inspection_grid needs at least one layer map")
     cams = {name: display_map(m, "sum")[0] for name, m in layers.items()}
     z = None
-    if image.ndim == 4:
-        z = best_slice(sum(cams.values()), axis=-1)
+    if image.ndim == 4:  # the slice where the layers look inside the object (not at its borders)
+        z = best_slice(sum(cams.values()) * (np.abs(image).sum(0) > 0), axis=-1)
     base = display_image(image[channel])
     rows, cols = _panel_grid(len(cams) + 1)
     fig, axes = plt.subplots(rows, cols, figsize=(_CELL * cols + 0.5, _CELL * rows + 0.6), squeeze=False)
