@@ -153,10 +153,18 @@ def parse_shortcut(shortcut) -> tuple[float, float]:
 
 def _assign(subjects: int, grades: dict[str, float], healthy_fraction: float,
             rng: np.random.Generator) -> list[str]:
-    """Grades of the cohort ("HGG", "LGG" or "none"), in exact proportions, shuffled."""
-    n_healthy = int(round(subjects * healthy_fraction))
+    """Grades of the cohort ("HGG", "LGG" or "none") in the asked proportions, shuffled.
+
+    Counts are rounded at random (up with probability equal to the fraction), so a
+    small cohort, even of one subject, follows the mix over seeds.
+    """
+    def rounded(x: float) -> int:
+        base = int(np.floor(x + 1e-9))
+        return base + int(rng.random() < x - base - 1e-9)
+
+    n_healthy = rounded(subjects * healthy_fraction)
     n_tumour = subjects - n_healthy
-    n_hgg = int(round(n_tumour * grades["HGG"]))
+    n_hgg = rounded(n_tumour * grades["HGG"])
     labels = ["HGG"] * n_hgg + ["LGG"] * (n_tumour - n_hgg) + ["none"] * n_healthy
     return [labels[i] for i in rng.permutation(subjects)]
 
