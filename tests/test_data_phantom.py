@@ -198,3 +198,16 @@ def test_option_parsing():
         load_template(4)
     with pytest.raises(ValueError, match="subjects"):
         generate_cohort("/nonexistent/never", subjects=0)
+
+
+def test_grade_counts_follow_the_mix():
+    from voxplain.data.phantom import _assign
+
+    mix = parse_grades(0.5)
+    big = _assign(60, mix, 0.0, np.random.default_rng(0))
+    assert big.count("HGG") == big.count("LGG") == 30
+    mixed = _assign(10, mix, 0.2, np.random.default_rng(0))
+    assert mixed.count("none") == 2 and mixed.count("HGG") == 4
+    # a one-subject cohort is high grade for some seeds and low grade for others
+    singles = [_assign(1, mix, 0.0, np.random.default_rng([s, 0]))[0] for s in range(20)]
+    assert 5 <= singles.count("HGG") <= 15
