@@ -186,7 +186,17 @@ def _tumour_centre(tpl: Template, wm: np.ndarray, inside_mm: np.ndarray, radius_
 
 def generate_subject(name: str, grade: str, shortcut: bool, seed, resolution: int = 2,
                      template: Template | None = None) -> PhantomSubject:
-    """Synthesise one subject (``grade`` "HGG", "LGG" or "none" for no tumour) from ``seed``."""
+    """Synthesise one subject in memory.
+
+    Args:
+        name: the subject's name (first column of its table row).
+        grade: "HGG", "LGG" or "none" (no tumour).
+        shortcut: add the marker ball at :data:`SHORTCUT_MM`.
+        seed: anything ``numpy.random.default_rng`` takes; the same seed gives the same subject.
+        resolution: voxel size in mm, unless ``template`` (a preloaded :class:`Template`) is given.
+    """
+    if grade not in (*_GRADES, "none"):
+        raise ValueError(f"grade must be 'HGG', 'LGG' or 'none', got {grade!r}")
     tpl = template or load_template(resolution)
     rng = np.random.default_rng(seed)
     spacing = float(tpl.resolution)
