@@ -28,7 +28,8 @@ report.html (a self-contained method x metric table with the plots).
 (+ --weights) or a TorchScript file. --data is a BraTS / phantom cohort folder
 (grade classifier or region U-Net) or a 2D image folder (no masks: faithfulness,
 PIC, complexity, randomisation only). --demo needs neither: it trains a small 2D
-CNN on a synthetic task with a known target and a shortcut marker (about a minute)."""
+CNN on a synthetic task with a known target and a shortcut marker (a few minutes
+on two CPU cores; --cases N for fewer cases)."""
 EXAMPLES = """\
 examples:
   voxplain evaluate --demo --out eval-demo
