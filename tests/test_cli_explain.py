@@ -205,3 +205,20 @@ def test_help_shows_examples(capsys):
             main([command, "--help"])
         assert exc.value.code == 0
         assert "examples:" in capsys.readouterr().out
+
+
+def test_an_unrelated_folder_is_never_replaced_but_an_old_report_is(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    args = ["explain", "--model", str(checkpoints / "grade"), "--input", str(case), "--methods", "vanilla_gradient",
+            "--quiet", "--out"]
+    code, _, err = _run(capsys, *args, str(mine))
+    assert code == 2 and "not a voxplain output" in err
+    assert (mine / "thesis.tex").read_text() == "precious"
+    out = tmp_path / "report"
+    assert _run(capsys, *args, str(out))[0] == 0
+    (out / "stale.txt").write_text("from before")
+    assert _run(capsys, *args, str(out))[0] == 0  # a new run replaces its own earlier output
+    assert not (out / "stale.txt").exists() and (out / "summary.json").is_file()

@@ -102,15 +102,13 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
     from .report.inputs import Case
     import torch
 
-    from .report.pipeline import _forward, explain_case, load_model_spec, parse_targets
+    from .report.pipeline import _forward, check_output_folder, explain_case, load_model_spec, parse_targets
     from .report.writer import write_report
 
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+    out = check_output_folder(out)
     models = {key: load_model_spec(str(demo_model_path(name))) for key, name in MODELS.items()}
     started = time.perf_counter()
     timings: dict[str, float] = {}

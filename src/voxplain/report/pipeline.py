@@ -25,8 +25,8 @@ from .study import Study
 from .summary import jsonable, methods_summary, prediction_summary
 from .writer import ScanSpace, slug, write_index, write_report
 
-__all__ = ["LoadedModel", "load_model_spec", "prepare_case", "Prepared", "parse_targets", "explain_case",
-           "inspect_case", "run_explain", "run_inspect"]
+__all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
+           "explain_case", "inspect_case", "run_explain", "run_inspect"]
 
 
 @dataclass
@@ -214,10 +214,18 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     return study, scan
 
 
-def _check_out(out: str | os.PathLike) -> Path:
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """``out`` as a path, refusing a file or a non-empty folder that is not an earlier voxplain output.
+
+    The output folder is replaced as a whole once the new one is complete, so an
+    unrelated folder given by mistake must never be taken.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).is_file() for n in ("summary.json", "index.html")):
+        raise ValueError(f"--out {out} is a non-empty folder that is not a voxplain output (no summary.json or "
+                         "index.html); it would be replaced, so choose a new or empty folder")
     return out
 
 
@@ -229,7 +237,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
     from ..methods import create_method
 
-    out = _check_out(out)
+    out = check_output_folder(out)
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
@@ -305,7 +313,7 @@ def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
     from .figures import filter_grid
 
-    out = _check_out(out)
+    out = check_output_folder(out)
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
     cases = load_cases(inputs, channels)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
