@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Explain and write the report."""
     from ..methods import available_methods
-    from ..report.pipeline import load_model_spec, run_explain  # noqa: F401 - imports checked early
+    from ..report.pipeline import run_explain
 
     methods = parse_methods(args.methods, available_methods())
     out = run_explain(args.model, args.input, args.out, task=args.task or _task_of(args.model), target=args.target,

@@ -85,7 +85,8 @@ def comparison_grid(path: str | os.PathLike, rows: Sequence[GridRow], title: str
             ax.set_yticks([])
             ax.set_frame_on(False)
         for c, name in enumerate(row.channels):
-            axes[i, c].imshow(_slice(display_image(row.image[c]), z, row.ras_plane), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            axes[i, c].imshow(_slice(display_image(row.image[c]), z, row.ras_plane), cmap="gray", vmin=0, vmax=1,
+                              interpolation="nearest")
             if i == 0:
                 axes[i, c].set_title(name, fontsize=9)
         for j, m in enumerate(methods):

@@ -205,8 +205,8 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
         per_target[label] = {"target": jsonable(expl.target), "explained_score": round(float(expl.scores[0]), 6),
                              "methods": methods_summary(expl)}
     prediction["targets"] = {label: {"explained_score": v["explained_score"]} for label, v in per_target.items()}
-    settings = {"model": loaded.spec, "model_config": jsonable({k: loaded.config.get(k) for k in
-                                                                 ("model", "model_config", "task") if k in loaded.config}),
+    model_info = {k: loaded.config[k] for k in ("model", "model_config", "task") if k in loaded.config}
+    settings = {"model": loaded.spec, "model_config": jsonable(model_info),
                 "task": task, "preprocessing": prepared.notes, "targets": per_target}
     study = Study(name or case.name, prepared.x[0].numpy(), case.channels, maps, prediction=prediction,
                   settings=settings, spacing=case.spacing)

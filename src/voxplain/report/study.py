@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .volumes import as_numpy, spatial_dims
 
 __all__ = ["Study"]

@@ -93,7 +93,8 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
     return summary
 
 
-def write_index(path: str | os.PathLike, entries: Sequence[tuple[str, str, str]], title: str = "voxplain reports") -> None:
+def write_index(path: str | os.PathLike, entries: Sequence[tuple[str, str, str]],
+                title: str = "voxplain reports") -> None:
     """A plain index page linking one report per case: ``(case name, relative link, one-line prediction)``."""
     rows = "".join(f'<tr><td><a href="{html.escape(link)}">{html.escape(name)}</a></td>'
                    f"<td>{html.escape(pred)}</td></tr>" for name, link, pred in entries)
