@@ -11,7 +11,6 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
