@@ -232,3 +232,30 @@ def test_report_html_2d_only_in_headless_chromium(tmp_path):
     write_report(tmp_path, _studies()[1:])
     seen = check_report_in_browser(tmp_path / "report.html")
     assert not seen["volume"]
+
+
+@pytest.mark.slow
+def test_click_on_a_view_moves_the_other_views(tmp_path):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium found (install Debian's chromium: apt-get install -y chromium chromium-driver)")
+    write_report(tmp_path, _studies()[:1])
+    browser = Browser(exe)
+    try:
+        browser.call("Page.navigate", url=(tmp_path / "report.html").resolve().as_uri())
+        browser.wait_for("window.voxplainReady === true")
+        x, y = browser.evaluate("(() => { const b = document.getElementById('view-axial').getBoundingClientRect();"
+                                " return [b.left + 0.2 * b.width, b.top + 0.3 * b.height]; })()")
+
+        def click():
+            for kind in ("mousePressed", "mouseReleased"):
+                browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+        _after(browser, click)
+        # axial view of an (18, 22, 14) volume: x to the right, y up
+        sagittal = int(browser.evaluate("Number(document.getElementById('slice-sagittal').value)"))
+        coronal = int(browser.evaluate("Number(document.getElementById('slice-coronal').value)"))
+        assert sagittal == int(0.2 * 18) and coronal == 22 - 1 - int(0.3 * 22)
+        assert not browser.errors(), browser.errors()
+    finally:
+        browser.close()

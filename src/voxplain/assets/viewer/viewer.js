@@ -142,6 +142,16 @@
       $("slice-" + view.id).addEventListener("input", (e) => {
         state.pos[view.fixed] = Number(e.target.value); render();
       });
+      // a click moves the other two views to the clicked point
+      $("view-" + view.id).addEventListener("click", (e) => {
+        const canvas = e.currentTarget, box = canvas.getBoundingClientRect();
+        const col = Math.floor((e.clientX - box.left) / box.width * canvas.width);
+        const row = Math.floor((e.clientY - box.top) / box.height * canvas.height);
+        state.pos[view.h] = Math.min(Math.max(col, 0), canvas.width - 1);
+        state.pos[view.v] = Math.min(Math.max(canvas.height - 1 - row, 0), canvas.height - 1);
+        for (const other of VIEWS) $("slice-" + other.id).value = state.pos[other.fixed];
+        render();
+      });
     }
   }
 
