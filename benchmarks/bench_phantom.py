@@ -4,6 +4,8 @@ Not a test. Prints:
 
 * generation time of a cohort (wall and CPU seconds per subject) at each resolution asked;
 * loading time of the cohort through ``BratsCohortDataset`` and ``SliceDataset``;
+* what simple intensity thresholds reach (WT / ET Dice, grade accuracy): a floor
+  that trained models should beat clearly, and a check that the task is not trivial;
 * with ``--quality``: trains the three demo presets of ``voxplain train`` (3D U-Net,
   grade classifier, 2D slice CNN) on a 3 mm cohort and prints the best validation
   metrics and those of epoch 1 from each ``history.json``. The issue's goals on
@@ -64,6 +66,37 @@ def bench_loading(folder: Path) -> None:
           f"all read in {read:.1f} s, slice {tuple(sl[0][0].shape)}")
 
 
+def bench_baselines(folder: Path) -> None:
+    """How far simple intensity rules get (a trained model should beat them clearly)."""
+    import numpy as np
+
+    from voxplain.data.datasets import BratsCohortDataset
+    from voxplain.data.preprocess import REGIONS
+
+    ds = BratsCohortDataset(folder, task="segment", cache=False)
+    pairs = [(x.numpy(), y.numpy() > 0.5) for x, y in (ds[i] for i in range(len(ds)))]
+    flair, t1ce = ds.modalities.index("flair"), ds.modalities.index("t1ce")
+    wt, et = REGIONS.index("WT"), REGIONS.index("ET")
+
+    def dice(p, t):
+        s = p.sum() + t.sum()
+        return 1.0 if s == 0 else 2.0 * (p & t).sum() / s
+
+    best_wt = max((np.mean([dice(x[flair] > a, y[wt]) for x, y in pairs]), a) for a in (1.0, 1.5, 2.0, 2.5, 3.0))
+    with_et = [(x, y) for x, y in pairs if y[et].any()]
+    best_et = max((np.mean([dice((x[t1ce] > b) & (x[flair] > 1.0), y[et]) for x, y in with_et]), b)
+                  for b in (2.0, 2.5, 3.0, 3.5))
+    print(f"baseline rules (best threshold on the whole cohort): WT Dice {best_wt[0]:.3f} (flair z > {best_wt[1]}), "
+          f"ET Dice {best_et[0]:.3f} on cases with ET (t1ce z > {best_et[1]} inside flair z > 1)")
+    tumour = [(x, y) for x, y in pairs if y[wt].any()]
+    if tumour:
+        hgg = np.array([y[et].any() for _, y in tumour])
+        for b in (2.5, 3.0):
+            f = np.array([((x[t1ce] > b) & (x[flair] > 1.0)).sum() for x, _ in tumour])
+            acc = max(((f > t) == hgg).mean() for t in np.unique(f))
+            print(f"baseline grade rule: count of t1ce z > {b} voxels inside flair z > 1, best cut: accuracy {acc:.3f}")
+
+
 def bench_quality(folder: Path, out: Path) -> None:
     keys = {"demo-unet": ("val_dice_WT", "val_dice_ET", "val_dice_TC"),
             "demo-grade": ("val_accuracy",), "demo-slices": ("val_accuracy",)}
@@ -99,6 +132,7 @@ def main(argv=None) -> int:
         out = args.out or Path(tmp)
         cohorts = bench_generation(out, args.subjects, args.resolutions, args.workers)
         bench_loading(cohorts[max(cohorts)])
+        bench_baselines(cohorts[max(cohorts)])
         if args.quality:
             if 3 not in cohorts:
                 cohorts.update(bench_generation(out, args.subjects, [3], args.workers))
