@@ -47,12 +47,15 @@ def test_cnn2d_never_pools_to_zero():
     assert model(torch.randn(1, 1, 8, 12)).shape == (1, 2)
 
 
-def test_classifier3d():
+@pytest.mark.parametrize("global_pool", ["avg", "max"])
+def test_classifier3d(global_pool):
     torch.manual_seed(0)
-    model = build_model("classifier3d", image_size=[16, 16, 16])
+    model = build_model("classifier3d", image_size=[16, 16, 16], global_pool=global_pool)
     out = _forward_backward(model.train(), torch.randn(2, 4, 16, 16, 16))
     assert out.shape == (2, 2)
     assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    pool = nn.AdaptiveAvgPool3d if global_pool == "avg" else nn.AdaptiveMaxPool3d
+    assert isinstance(model.pool, pool)
 
 
 @pytest.mark.parametrize("shape", [(16, 16, 16), (17, 20, 13)])

@@ -18,6 +18,7 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVGPOOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+_MAXGLOBAL = {1: nn.AdaptiveMaxPool1d, 2: nn.AdaptiveMaxPool2d, 3: nn.AdaptiveMaxPool3d}
 
 
 def block_widths(blocks: int, base_width: int, max_width: int) -> list[int]:
@@ -54,12 +55,16 @@ class ConvClassifier(nn.Module):
         base_width: channels of the first block; each next block doubles, up to ``max_width``.
         image_size: expected spatial size, used to skip pooling once a side reaches 1.
         dropout: dropout probability before the linear layer.
+        global_pool: ``"avg"`` (global average pooling, as in CXAI) or ``"max"`` (global max
+            pooling: suits labels decided by a small local finding, e.g. enhancing tumour).
     """
 
     def __init__(self, dims: int = 2, in_channels: int = 1, num_classes: int = 2, blocks: int = 3,
                  base_width: int = 16, max_width: int = 128, image_size: Sequence[int] | int | None = None,
-                 dropout: float = 0.3):
+                 dropout: float = 0.3, global_pool: str = "avg"):
         super().__init__()
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max', got {global_pool!r}")
         if dims not in _CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
         if int(blocks) < 1:
@@ -82,7 +87,7 @@ class ConvClassifier(nn.Module):
             layers.append(nn.Sequential(*block))
             width_in = width
         self.features = nn.Sequential(*layers)
-        self.pool = _AVGPOOL[dims](1)
+        self.pool = (_AVGPOOL if global_pool == "avg" else _MAXGLOBAL)[dims](1)
         self.dropout = nn.Dropout(float(dropout))
         self.classifier = nn.Linear(width_in, int(num_classes))
 

@@ -54,7 +54,8 @@ class RandomPatches(Dataset):
         spatial = tuple(image.shape[1:])
         if len(spatial) != len(self.size):
             raise ValueError(f"patch size {self.size} does not match the sample's spatial shape {spatial}")
-        fg = self._fg(index, target)
+        # class labels (no spatial target) are kept as they are; only the image is cut and flipped
+        fg = self._fg(index, target) if target.ndim == image.ndim else ()
         if len(fg) and self.rng.random() < self.foreground_fraction:
             centre = fg[self.rng.integers(len(fg))]
             start = [int(c) - p // 2 + int(self.rng.integers(-(p // 4), p // 4 + 1)) for c, p in zip(centre, self.size)]

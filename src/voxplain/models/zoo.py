@@ -17,15 +17,17 @@ __all__ = ["build_model", "available_models", "describe_model"]
 
 
 def _cnn2d(in_channels: int = 1, num_classes: int = 2, blocks: int = 3, base_width: int = 16,
-           max_width: int = 128, image_size=None, dropout: float = 0.3) -> nn.Module:
+           max_width: int = 128, image_size=None, dropout: float = 0.3, global_pool: str = "avg") -> nn.Module:
     return ConvClassifier(dims=2, in_channels=in_channels, num_classes=num_classes, blocks=blocks,
-                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout)
+                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout,
+                          global_pool=global_pool)
 
 
 def _classifier3d(in_channels: int = 4, num_classes: int = 2, blocks: int = 4, base_width: int = 8,
-                  max_width: int = 64, image_size=None, dropout: float = 0.3) -> nn.Module:
+                  max_width: int = 64, image_size=None, dropout: float = 0.3, global_pool: str = "avg") -> nn.Module:
     return ConvClassifier(dims=3, in_channels=in_channels, num_classes=num_classes, blocks=blocks,
-                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout)
+                          base_width=base_width, max_width=max_width, image_size=image_size, dropout=dropout,
+                          global_pool=global_pool)
 
 
 def _unet3d(in_channels: int = 4, out_channels: int = 3, channels=(8, 16, 32, 64), num_res_units: int = 1,
