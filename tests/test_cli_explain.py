@@ -144,6 +144,7 @@ def test_explain_folder_of_cases_and_png(tmp_path, capsys, checkpoints):
     assert code == 0, err
     index = (tmp_path / "many" / "index.html").read_text()
     assert "case_001/report.html" in index and (tmp_path / "many" / "case_002" / "summary.json").is_file()
+    assert "comparison_cases.png" in index and (tmp_path / "many" / "comparison_cases.png").is_file()
 
     png = tmp_path / "slice.png"
     Image.fromarray((np.random.default_rng(0).random((40, 36)) * 255).astype(np.uint8)).save(png)

@@ -21,6 +21,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..targets import SegmentationTarget, Target
 from .inputs import Case, load_cases
+from .figures import comparison_grid, study_rows
 from .study import Study
 from .summary import jsonable, methods_summary, prediction_summary
 from .writer import ScanSpace, slug, write_index, write_report
@@ -170,6 +171,10 @@ def parse_targets(task: str, spec: str | None, output: torch.Tensor, config: dic
     return out
 
 
+#: cases shown in the comparison grid of a folder of cases (one row each)
+MAX_CASE_ROWS = 8
+
+
 def _independent(config: dict) -> bool:
     """True when the checkpoint says its output channels are independent sigmoid regions."""
     return "sigmoid" in str(config.get("output", ""))
@@ -246,7 +251,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                 "task": task, "target": target, "methods": list(methods), "options": options or {}, "seed": seed,
                 "device": str(device or "model's device")}
     with atomic_dir(out) as tmp:
-        entries = []
+        entries, rows = [], []
         for case in cases:
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
                                        batch_size, memory_budget, region)
@@ -257,8 +262,15 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                                         study.prediction.get("voxels_per_channel", "")))
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
                             else "report.html", str(pred)))
+            if len(rows) < MAX_CASE_ROWS:  # the first target of each case, for the grid with a row per case
+                first = study_rows(study)[0]
+                first.label = f"{case.name}\n{first.label}"
+                rows.append(first)
         if len(cases) > 1:
-            write_index(tmp / "index.html", entries, title=f"voxplain: {len(cases)} cases")
+            comparison_grid(tmp / "comparison_cases.png", rows,
+                            title=f"{len(rows)} of {len(cases)} cases" if len(cases) > len(rows) else None)
+            write_index(tmp / "index.html", entries, title=f"voxplain: {len(cases)} cases",
+                        figure="comparison_cases.png")
     return out
 
 

@@ -94,14 +94,17 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
 
 
 def write_index(path: str | os.PathLike, entries: Sequence[tuple[str, str, str]],
-                title: str = "voxplain reports") -> None:
-    """A plain index page linking one report per case: ``(case name, relative link, one-line prediction)``."""
+                title: str = "voxplain reports", figure: str | None = None) -> None:
+    """A plain index page linking one report per case: ``(case name, relative link, one-line prediction)``,
+    with an optional figure (a path relative to the page) below the table."""
     rows = "".join(f'<tr><td><a href="{html.escape(link)}">{html.escape(name)}</a></td>'
                    f"<td>{html.escape(pred)}</td></tr>" for name, link, pred in entries)
+    shown = f'<p><img alt="comparison" style="max-width:100%" src="{html.escape(figure)}"></p>' if figure else ""
+
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             "<style>body{font-family:system-ui,sans-serif;margin:20px}td,th{border:1px solid #ddd;"
             "padding:4px 8px}table{border-collapse:collapse}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><table><tr><th>case</th><th>prediction</th></tr>{rows}</table>"
+            f"<h1>{html.escape(title)}</h1><table><tr><th>case</th><th>prediction</th></tr>{rows}</table>{shown}"
             "</body></html>\n")
     with atomic_file(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
