@@ -104,7 +104,8 @@ def test_default_layers_of_tiny_models():
         assert default_cam_layer(engine, x2) is engine.model[6]  # last ReLU before global pooling
     net = segnet(dims=3)
     with Engine(net) as engine:
-        assert default_cam_layer(engine, torch.randn(1, 2, 8, 8, 8)) is net.head
+        # a dense-prediction net: the last decoder feature map, not the output head
+        assert default_cam_layer(engine, torch.randn(1, 2, 8, 8, 8)) is net.dec
 
 
 def test_inplace_relu_gives_the_same_maps_as_its_twin():

@@ -123,13 +123,23 @@ def default_cam_layer(engine: Engine, x: Tensor, trace: list[LayerInfo] | None =
       InstanceNorm gives an all-zero CAM, see :data:`NORMALISATIONS`).
 
     On a classifier this is the last feature map before global pooling (for a
-    ResNet the last residual stage, for a plain conv stack its last activation);
-    on a segmentation network it is the output head.
+    ResNet the last residual stage, for a plain conv stack its last activation).
+    On a dense-prediction (segmentation) network, whose last module returns a map
+    of the input's spatial size, the trailing modules that return the output's
+    shape (the head and its wrappers) are passed over: Grad-CAM at the head is only
+    the rectified logit map itself. The default there is the last decoder feature map.
     """
     trace = engine.trace(x) if trace is None else trace
     counts = Counter(id(info.module) for info in trace)
     d = x.ndim - 2
-    for i in range(len(trace) - 1, -1, -1):
+    end = len(trace)
+    final = trace[-1].output_shape if trace else None
+    if final is not None and len(final) == x.ndim and tuple(final[2:]) == tuple(x.shape[2:]):
+        while end > 0 and trace[end - 1].output_shape == final:
+            end -= 1
+        if not any(_is_spatial(info, d) for info in trace[:end]):
+            end = len(trace)  # nothing before the head: keep it
+    for i in range(end - 1, -1, -1):
         info = trace[i]
         if counts[id(info.module)] != 1 or not _is_spatial(info, d):
             continue
