@@ -117,6 +117,12 @@ def test_rows_per_pass_scales_with_the_budget():
     with Engine(model, batch_size=3, memory_budget=1) as fixed:
         assert fixed.rows_per_pass(row) == 3
         assert [(s.start, s.stop) for s in fixed.chunks(7, row)] == [(0, 3), (3, 6), (6, 7)]
+        # passes are balanced: 50 rows at most 35 per pass go as 25 + 25, not 35 + 15
+    with Engine(model, batch_size=4) as fixed:
+        assert [(s.start, s.stop) for s in fixed.chunks(7, row)] == [(0, 4), (4, 7)]
+    with Engine(model, batch_size=35) as fixed:
+        assert [s.stop - s.start for s in fixed.chunks(50, row)] == [25, 25]
+        assert [s.stop - s.start for s in fixed.chunks(1, row)] == [1]
 
 
 def test_chunked_gradients_equal_unchunked():

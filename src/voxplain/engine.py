@@ -231,7 +231,10 @@ class Engine:
         if n_rows == 1:  # nothing to split: skip the size estimate (a forward pass of its own)
             yield slice(0, n_rows)
             return
-        step = self.rows_per_pass(row_shape, backward)
+        # Equal chunks rather than full ones and a small remainder: a pass of few rows
+        # costs nearly as much as a full one on CPU, and smaller passes are often faster per row.
+        n_chunks = math.ceil(n_rows / self.rows_per_pass(row_shape, backward))
+        step = math.ceil(n_rows / n_chunks)
         for start in range(0, n_rows, step):
             yield slice(start, min(n_rows, start + step))
 
