@@ -272,18 +272,22 @@ def bench_methods(case: Case, methods, repeats: int, steps: int, gig_steps: int,
 def bench_explain_all(case: Case, repeats: int, steps: int, gig_steps: int, samples: int) -> dict:
     options = {m: method_options(m, case, steps, gig_steps, samples) for m in voxplain.DEFAULT_METHODS}
     options = {m: o for m, o in options.items() if o}
-    together, separate = [], []
+    together, separate, together_cpu, separate_cpu = [], [], [], []
     for _ in range(repeats):
-        t, _maps = timed(lambda: explain(case.model, case.x, case.target, options=options))
+        t, c, _maps = timed_both(lambda: explain(case.model, case.x, case.target, options=options))
         together.append(t)
-        total = 0.0
+        together_cpu.append(c)
+        total = total_cpu = 0.0
         for m in voxplain.DEFAULT_METHODS:
-            t, _maps = timed(lambda: ours(case, m, options.get(m, {})))
+            t, c, _maps = timed_both(lambda: ours(case, m, options.get(m, {})))
             total += t
+            total_cpu += c
         separate.append(total)
+        separate_cpu.append(total_cpu)
     return {"case": case.name, "together_s": statistics.median(together),
             "separate_s": statistics.median(separate),
-            "ratio": statistics.median(separate) / statistics.median(together)}
+            "ratio": statistics.median(separate) / statistics.median(together),
+            "cpu_ratio": statistics.median(separate_cpu) / statistics.median(together_cpu)}
 
 
 def bench_ig_vs_model(case: Case, repeats: int, steps: int) -> dict:
@@ -412,10 +416,12 @@ def print_tables(out: dict) -> None:
         print(f"| {r['case']} | {r['method']}{ref} | {r['ours_s']:.3f} | {r['ref_s']:.3f} | {r['ratio']:.2f} "
               f"| {r['cpu_ratio']:.2f} | {r['agreement']} |")
     if out["explain_all"]:
-        print("\n| model | explain() with the seven (s) | seven single calls (s) | single/together |")
-        print("|---|---|---|---|")
+        print("\n| model | explain() with the seven (s) | seven single calls (s) | single/together "
+              "| same, CPU time |")
+        print("|---|---|---|---|---|")
         for r in out["explain_all"]:
-            print(f"| {r['case']} | {r['together_s']:.3f} | {r['separate_s']:.3f} | {r['ratio']:.2f} |")
+            print(f"| {r['case']} | {r['together_s']:.3f} | {r['separate_s']:.3f} | {r['ratio']:.2f} "
+                  f"| {r.get('cpu_ratio', float('nan')):.2f} |")
     if out["ig_floor"]:
         print("\n| model | IG (s) | steps x model fwd+bwd at best batch (s) | best batch | engine rows/pass "
               "| IG overhead |")
