@@ -465,3 +465,16 @@ def test_percentile_normalise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         voxplain.percentile_normalise(torch.ones(1, 1, 1))
+
+
+def test_run_cached_gradients():
+    from voxplain.engine import Engine
+    from voxplain.methods import Run
+
+    model, x = classifier(dims=2), torch.randn(1, 2, 8, 8)
+    with Engine(model) as engine:
+        bound = ClassTarget(0).bind(engine.forward(x))
+        run = Run(engine, x, bound, torch.arange(1))
+        assert run.cached_gradients() is None and run.cached_gradients(guided=True) is None
+        plain = run.input_gradients()
+        assert run.cached_gradients() is plain and run.cached_gradients(guided=True) is None

@@ -60,6 +60,15 @@ class Run:
                                                      layers=layers, guided=guided)
         return self._cache[key]
 
+    def cached_gradients(self, guided: bool = False) -> Gradients | None:
+        """The shared pass if an earlier method already computed it, else None (computes nothing).
+
+        A method that needs only layer gradients (Grad-CAM) can use it to reuse the
+        shared pass when it exists, and otherwise ask the engine for a pass whose
+        backward stops at the layer (``input_gradient=False``).
+        """
+        return self._cache.get(("guided" if guided else "plain",))
+
     def layer_index(self, layer: nn.Module) -> int:
         """Position of ``layer`` among the captured layers (it must have been declared)."""
         for i, m in enumerate(self.layers):
