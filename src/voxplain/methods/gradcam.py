@@ -67,10 +67,10 @@ class _LayerOption:
             layer = resolved[2]()
         else:
             layer = self._resolve(run.engine, run.x)
-        if any(m is layer for m in run.layers):
-            grads = run.input_gradients()
-            i = run.layer_index(layer)
-        else:  # used outside explain() without layers() declared: a pass of its own
+        shared = run.cached_gradients() if any(m is layer for m in run.layers) else None
+        if shared is not None:  # an earlier method made the shared pass: it captured this layer
+            grads, i = shared, run.layer_index(layer)
+        else:  # a pass of its own whose backward stops at the layer (as cheap as Grad-CAM can be)
             grads = run.engine.gradients(run.x, run.target, run.sample_index, layers=[layer],
                                          input_gradient=False)
             i = 0
