@@ -29,6 +29,7 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # temporaries, take a few times the forward outputs' size; measured on conv nets
 # (CPU and CUDA) the peak stays below 3x the summed leaf-module outputs.
 _BACKWARD_OVERHEAD = 3.0
+_SCRIPTED_ACTIVATION_FACTOR = 64
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
           "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
 
@@ -167,6 +168,8 @@ class Engine:
                                        or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.model = model
+        # TorchScript modules accept no Python forward hooks: no layer capture, guiding or tracing
+        self.scripted = isinstance(model, torch.jit.ScriptModule)
         self.device = resolve_device(device, model)
         self.batch_size = batch_size
         self.memory_budget = parse_memory(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET
@@ -202,6 +205,8 @@ class Engine:
 
     @contextlib.contextmanager
     def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool = False) -> Iterator[LayerCapture]:
+        if self.scripted and (layers or guided):
+            self._refuse_scripted("guided backpropagation" if guided else "capturing a layer")
         hooks = HookSet()
         capture = LayerCapture(layers)
         try:
@@ -239,6 +244,10 @@ class Engine:
             yield slice(start, min(n_rows, start + step))
 
     def _estimate_row_bytes(self, row_shape: tuple[int, ...]) -> int:
+        if row_shape not in self._row_bytes and self.scripted:
+            # no hooks to measure intermediate outputs: assume a conv net's activations
+            # take _SCRIPTED_ACTIVATION_FACTOR times the input
+            self._set_row_bytes(row_shape, _SCRIPTED_ACTIVATION_FACTOR * 4 * math.prod(row_shape))
         if row_shape not in self._row_bytes:
             total = 0
 
@@ -276,7 +285,7 @@ class Engine:
         """
         self._require_prepared()
         self._pending = None
-        if keep_graph and (x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])):
+        if keep_graph and not self.scripted and (x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])):
             self._pending = self._recorded_forward(x)
             return self._pending.output.detach()
         outs = []
@@ -390,6 +399,8 @@ class Engine:
     def trace(self, x: Tensor) -> list[LayerInfo]:
         """Modules in the order they run on ``x`` (one row), with their output shapes."""
         self._require_prepared()
+        if self.scripted:
+            self._refuse_scripted("tracing its layers")
         if self._pending is not None and self._pending.x is x and x.shape[0] == 1:
             return list(self._pending.trace)
         names = {m: n for n, m in self.model.named_modules()}
@@ -409,6 +420,14 @@ class Engine:
         finally:
             hooks.remove()
         return seen
+
+    def _refuse_scripted(self, what: str) -> None:
+        raise ValueError(
+            f"{what} needs Python forward hooks, which TorchScript models do not support; with a "
+            "TorchScript model use hook-free methods (vanilla_gradient, gradient_x_input, "
+            "integrated_gradients, guided_ig, smoothgrad over those, blur_ig, xrai, occlusion), or load "
+            "the model as a voxplain checkpoint or module:factory + weights"
+        )
 
     def has_guided_activations(self) -> bool:
         """True if the model has activation modules that guided backpropagation can rewrite."""

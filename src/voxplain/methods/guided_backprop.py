@@ -16,7 +16,7 @@ __all__ = ["GuidedBackprop", "warn_if_unguided"]
 
 def warn_if_unguided(engine: Engine) -> None:
     """Warn when the model has no activation module guided backpropagation can rewrite."""
-    if not engine.has_guided_activations():
+    if not engine.scripted and not engine.has_guided_activations():
         kinds = ", ".join(t.__name__ for t in GUIDED_ACTIVATIONS)
         warnings.warn(
             f"guided backpropagation found no activation module ({kinds}) in {type(engine.model).__name__}; "
