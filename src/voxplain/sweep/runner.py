@@ -9,12 +9,12 @@ done when it has one COMPLETE trial; finished trials are never re-run.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import os
 import random
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +55,12 @@ class SweepSettings:
         return SweepGrid(self.blocks, self.batch_sizes, self.learning_rates)
 
 
+def _quiet_optuna() -> None:
+    """Heartbeats and stale-trial retries are marked experimental by Optuna; we rely on them knowingly."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def _storage(settings: SweepSettings) -> RDBStorage:
     engine_kwargs = {}
     if settings.storage.startswith("sqlite"):
@@ -77,6 +83,7 @@ def open_study(settings: SweepSettings, attempts: int = 6) -> optuna.Study:
     """
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    _quiet_optuna()
     for attempt in range(attempts):
         try:
             sampler = optuna.samplers.GridSampler(settings.grid.search_space, seed=settings.seed)
@@ -179,8 +186,7 @@ def run_worker(settings: SweepSettings, callbacks=()) -> None:
     ``callbacks`` are Optuna trial callbacks ``(study, frozen_trial)`` run after each trial.
     """
     torch.set_num_threads(max(1, settings.threads))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    _quiet_optuna()
     data = SweepData.load(settings.data_file)
     study = open_study(settings)
     objective = _Objective(settings, data)
