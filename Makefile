@@ -32,8 +32,10 @@ system-deps:
 test: install system-deps
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
 
+# Speed against the reference libraries (Captum, PAIR saliency), one table per script.
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_cxai.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
