@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import UserError
+from ._common import parse_options
 
 HELP = "score explanation methods over a cohort: faithfulness, PIC, localisation, sanity checks"
 DESCRIPTION = """\
@@ -73,21 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per forward/backward pass")
     parser.add_argument("--memory-budget", metavar="SIZE", help="memory per pass, e.g. 2GB (default 2GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-
-
-def _options(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"--option must look like METHOD.KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        method, name = key.split(".", 1)
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(method, {})[name] = parsed
-    return out
 
 
 def _split(text: str) -> list[str]:
@@ -165,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"unknown metric famil(ies) {bad}; choose from {', '.join(FAMILIES)}")
     if args.cases is not None and args.cases < 1:
         raise UserError(f"--cases must be >= 1, got {args.cases}")
-    options = _options(args.option)
+    options = parse_options(args.option)
     model, cases, n, title = _load(args)
     if n == 0:
         raise UserError("no cases to evaluate")
