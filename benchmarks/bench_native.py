@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -45,20 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_core import peak_rss_kb
+
 BRATS_SIZE = (240, 240, 155)
 METHODS = ("vanilla", "ig", "gradcam")
-
-
-def peak_rss_kb() -> int:
-    """Peak resident memory of this process in KiB (VmHWM; ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def subject_folder(cohort: Path) -> Path:
