@@ -179,7 +179,9 @@ class SlidingWindow:
         cval: the padding value for ``"constant"``.
 
     ``model_call`` arguments take a (b, C, *roi) batch of windows and must return
-    a tensor (b, K, *roi): a segmentation-style output on the window's grid.
+    a tensor (b, K, *roi): a segmentation-style output on the window's grid. The
+    model is called as it is: put it in eval mode first (the engine does), or the
+    stitching pass and the gradient pass see different BatchNorm/dropout behaviour.
     """
 
     def __init__(self, roi_size: int | Sequence[int | None], overlap: float | Sequence[float] = 0.5,
