@@ -95,7 +95,7 @@ def test_probe_map_lines_up_with_an_lps_int16_scan(tmp_path, capsys):
     i, j, k = Probe.VOXEL
     assert tuple(nz[0][:3]) == (SHAPE[0] - 1 - i, SHAPE[1] - 1 - j, k)
     # and the same world point as that voxel of the source scan
-    ras_data, meta = load_nifti(next((out / "maps").glob("*vanilla_gradient.nii.gz")))
+    ras_data, meta = load_nifti(next((out / "maps").glob("*vanilla_gradient.nii.gz")), channels_from_4d=True)
     assert ras_data.shape == (4, *SHAPE) and np.argwhere(ras_data[0] != 0).tolist() == [[i, j, k]]
 
 

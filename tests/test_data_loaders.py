@@ -83,12 +83,35 @@ def test_save_nifti_like_writes_back_on_the_source_grid(tmp_path, lps):
     assert not (tmp_path / "bad.nii.gz").exists()
 
 
-def test_4d_nifti_comes_channels_first(tmp_path):
+def test_4d_nifti_is_refused_unless_its_volumes_are_declared_channels(tmp_path):
     vol = _ras_volume(channels=3)
     data, affine = _as_lps(vol, RAS_AFFINE)
-    loaded, meta = load_nifti(_save(data, affine, tmp_path / "v.nii.gz", np.float32))
+    path = _save(data, affine, tmp_path / "v.nii.gz", np.float32)
+    with pytest.raises(ValueError, match=r"4th axis .* would be read as input channels.*--channels-from-4d"):
+        load_nifti(path)
+    loaded, meta = load_nifti(path, channels_from_4d=True)
     assert loaded.shape == (3,) + SHAPE
     np.testing.assert_allclose(loaded, np.moveaxis(vol, -1, 0))
+
+
+def test_itk_vector_image_is_read_as_channels(tmp_path):
+    vol = _ras_volume(channels=2).astype(np.float32)
+    img = nib.Nifti1Image(vol[:, :, :, None, :], RAS_AFFINE)  # components on the 5th axis, time axis of 1
+    nib.save(img, str(tmp_path / "vec.nii.gz"))
+    loaded, _ = load_nifti(tmp_path / "vec.nii.gz")
+    assert loaded.shape == (2,) + SHAPE
+
+
+@pytest.mark.parametrize("qform_code, sform_code", [(2, 2), (1, 0), (0, 2), (4, 4), (0, 0)])
+def test_written_maps_keep_the_source_qform_and_sform_codes(tmp_path, qform_code, sform_code):
+    img = nib.Nifti1Image(_ras_volume().astype(np.float32), RAS_AFFINE)
+    img.set_qform(RAS_AFFINE, code=qform_code)
+    img.set_sform(RAS_AFFINE, code=sform_code)
+    nib.save(img, str(tmp_path / "src.nii.gz"))
+    loaded, meta = load_nifti(tmp_path / "src.nii.gz")
+    written = nib.load(save_nifti_like(loaded, meta, tmp_path / "map.nii.gz"))
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (qform_code, sform_code)
+    np.testing.assert_allclose(written.affine, nib.load(tmp_path / "src.nii.gz").affine)
 
 
 def test_write_nifti_is_deterministic_and_meta_from_affine(tmp_path):

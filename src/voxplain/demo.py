@@ -94,15 +94,19 @@ def _slice_case(case, config: dict):
 
 
 def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", seed: int = 0, device=None,
-             progress: bool = True) -> Path:
-    """Run the four showcases and write the report folder ``out`` (replaced only when complete)."""
+             progress: bool = True, region: str = "predicted") -> Path:
+    """Run the four showcases and write the report folder ``out`` (replaced only when complete).
+
+    ``region``: what the U-Net's region channels are averaged over (see ``voxplain explain --region``).
+    """
     from .data.brats import load_brats_case
     from .data.phantom import generate_cohort
-    from .methods.gradcam import gradcam_per_layer
     from .report.inputs import Case
     import torch
 
-    from .report.pipeline import _forward, check_output_folder, explain_case, load_model_spec, parse_targets
+    from .report.pipeline import (_forward, check_output_folder, explain_case, layer_by_layer, load_model_spec,
+                                  prepare_case)
+    from .report.target_choice import choose_targets
     from .report.writer import write_report
 
     if preset not in PRESETS:
@@ -118,7 +122,7 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
         generate_cohort(tmp / "input", subjects=1, seed=seed, resolution=p.resolution)
         loaded_case = load_brats_case(next(d for d in sorted((tmp / "input").iterdir()) if d.is_dir()))
         case = Case(loaded_case.name, loaded_case.image, list(loaded_case.modalities), loaded_case.meta,
-                    loaded_case.seg)
+                    loaded_case.seg, _facts(tmp / "input", loaded_case.name))
         timings["subject"] = time.perf_counter() - t
         centre = _tumour_centre(case.seg) if p.crop is not None else None
         common = dict(device=device, seed=seed, progress=progress)
@@ -128,25 +132,28 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
         grade, grade_scan = explain_case(models["grade"], case, "classify", "predicted", NEUROXAI_METHODS,
                                          p.options3d, name="Glioma grade (3D classifier)", size=p.crop,
                                          centre=centre, **common)
-        grade.prediction["true_grade"] = _true_grade(tmp / "input", case.name)
         timings["grade"] = time.perf_counter() - t
 
         _say(progress, "demo: 2/4 ET/TC/WT segmentation, 3D U-Net, seven methods per region ...")
         t = time.perf_counter()
         seg, seg_scan = explain_case(models["segment"], case, "segment", "all", NEUROXAI_METHODS, p.options3d,
                                      name="Sub-region segmentation (3D U-Net)", size=p.crop, centre=centre,
-                                     **common)
+                                     region=region, **common)
         timings["segmentation"] = time.perf_counter() - t
 
         _say(progress, "demo: 3/4 network inspection, Grad-CAM at every conv layer of the U-Net ...")
         t = time.perf_counter()
         x = torch.from_numpy(seg.image)[None]
-        targets = dict(parse_targets("segment", "all", _forward(models["segment"].model, x, device),
-                                     models["segment"].config))
-        label = "WT" if "WT" in targets else next(iter(targets))
-        cams = gradcam_per_layer(models["segment"].model, x, targets[label], device=device)
-        seg.layers = {name: cam[0].numpy() for name, cam in cams.items()}
-        seg.settings["inspection"] = {"target": label, "layers": list(cams)}
+        output = _forward(models["segment"].model, x, device)
+        truth = prepare_case(case, models["segment"].model, models["segment"].config, True, p.crop, centre).seg
+        choices = [c for c in choose_targets("segment", "all", output, models["segment"].config, region, truth)
+                   if c.target is not None]
+        if choices:
+            choice = next((c for c in choices if c.label == "WT"), choices[0])
+            seg.layers, seg.layer_labels, table = layer_by_layer(models["segment"], x, choice.target, output, device)
+            seg.settings["inspection"] = {"target": choice.label, "pooling": choice.pooling, "layers": table}
+        else:
+            seg.settings["inspection"] = {"skipped": "the U-Net predicts none of its regions on this subject"}
         timings["inspection"] = time.perf_counter() - t
 
         _say(progress, "demo: 4/4 tumour vs no tumour, 2D slice CNN, CXAI's stage 2 ...")
@@ -176,13 +183,15 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
     return out
 
 
-def _true_grade(root: Path, name: str) -> str | None:
+def _facts(root: Path, name: str) -> dict[str, str]:
+    """The phantom's subjects.csv row of the subject (its grade is the classifier's case label)."""
     from .data.brats import read_subjects_table
 
     try:
-        return read_subjects_table(root).get(name, {}).get("grade")
+        return {str(k): str(v) for k, v in read_subjects_table(root).get(name, {}).items()}
     except (OSError, ValueError):
-        return None
+        return {}
+
 
 
 def _write_timings(path: Path, timings: dict[str, float]) -> None:

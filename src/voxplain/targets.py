@@ -10,6 +10,7 @@ attribution path explaining the same decision all along the path.
 
 from __future__ import annotations
 
+import copy
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -26,6 +27,9 @@ __all__ = [
     "SegmentationTarget",
     "BratsRegionTarget",
     "as_target",
+    "predicted_region",
+    "freeze_region",
+    "EmptyRegionError",
     "BRATS_LABELS",
 ]
 
@@ -33,6 +37,10 @@ OUTPUT_KINDS = ("logit", "probability")
 
 #: BraTS label values that make up each evaluation region.
 BRATS_LABELS: dict[str, tuple[int, ...]] = {"ET": (4,), "TC": (1, 4), "WT": (1, 2, 4)}
+
+
+class EmptyRegionError(ValueError):
+    """The region a segmentation target pools over has no voxel (e.g. the model predicts none)."""
 
 
 def _check_output_kind(output: str) -> str:
@@ -206,11 +214,29 @@ class _RegionMaskMixin:
         mask = mask.detach().cpu().clone()
         empty = [i for i in range(b) if not bool(mask[i].any())]
         if empty:
-            raise ValueError(
+            raise EmptyRegionError(
                 f"the region to pool over is empty for sample(s) {empty}; "
                 "choose another class, region or mask"
             )
         return mask
+
+
+def predicted_region(output: Tensor, index, activation: str = "softmax") -> Tensor:
+    """The voxels a segmentation output predicts as class ``index``: bool (B, *spatial) on the CPU.
+
+    ``activation="sigmoid"`` (independent region channels) or a single channel:
+    where the channel's logit is positive (probability > 0.5); ``"softmax"``: where
+    the class wins the argmax. ``index`` is an int or one int per sample.
+    """
+    if output.ndim < 3:
+        raise ValueError(f"predicted_region expects a (B, K, *spatial) output, got {tuple(output.shape)}")
+    out = output.detach()
+    b, k = out.shape[:2]
+    classes = _per_sample_index(index, b, k, "segmentation class")
+    rows = torch.arange(b, device=out.device)
+    if activation == "sigmoid" or k == 1:
+        return (out[rows, classes.to(out.device)] > 0).cpu()
+    return (out.argmax(dim=1) == classes.to(out.device).view(b, *([1] * (out.ndim - 2)))).cpu()
 
 
 class SegmentationTarget(_RegionMaskMixin, Target):
@@ -252,16 +278,7 @@ class SegmentationTarget(_RegionMaskMixin, Target):
             )
         b, k = output.shape[:2]
         classes = _per_sample_index(self.index, b, k, "segmentation class")
-        out = output.detach()
-
-        def predicted() -> Tensor:
-            if self.activation == "sigmoid" or k == 1:
-                predicted_all = out > 0
-            else:
-                predicted_all = torch.nn.functional.one_hot(out.argmax(dim=1), k).movedim(-1, 1).bool()
-            return predicted_all[torch.arange(b), classes.to(out.device)].cpu()
-
-        mask = self._resolve_region(output, predicted)
+        mask = self._resolve_region(output, lambda: predicted_region(output, classes, self.activation))
         return _BoundSegmentation(classes, mask, self.output, self.activation)
 
 
@@ -379,6 +396,21 @@ class _BoundBratsRegion(BoundTarget):
     def describe(self) -> dict:
         return {"kind": "brats_region", "region_name": self.name, "layout": self.layout,
                 "channels": list(self.members), "output": self.output}
+
+
+def freeze_region(target: Target, output: Tensor) -> Target:
+    """``target`` with a ``region="predicted"`` replaced by the mask it predicts on ``output``.
+
+    A predicted region is decided by the model; checks that change the model (parameter
+    randomisation) must keep explaining the same voxels, so they take the frozen mask.
+    Other targets come back unchanged.
+    """
+    if not isinstance(target, _RegionMaskMixin) or not isinstance(target.region, str):
+        return target
+    mask = target.bind(output).mask
+    frozen = copy.copy(target)
+    frozen.region = mask
+    return frozen
 
 
 def as_target(target) -> Target:

@@ -9,7 +9,15 @@ import sys
 
 from . import UserError
 
-__all__ = ["add_model_input_arguments", "add_run_arguments", "parse_options", "parse_methods", "command_line"]
+__all__ = ["add_model_input_arguments", "add_region_argument", "add_run_arguments", "parse_options", "parse_methods",
+           "command_line", "REGION_HELP"]
+
+#: what --region means, shared by explain, inspect and demo
+REGION_HELP = ("segmentation: the voxels a class channel is averaged over to make the explained score: "
+               "'predicted' (default: the voxels the model predicts as that class, so the maps explain the "
+               "segmented object), 'all' (every voxel, NeuroXAI's global average pooling; on a tumour it mostly "
+               "explains background) or 'label' (the case's ground-truth segmentation of that class/region). "
+               "A class with an empty region is skipped and the report says why")
 
 
 def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +36,17 @@ def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class/channel indices or names, comma-separated; 'predicted' (classification "
                              "default) or 'all' (segmentation default: every output channel)")
     parser.add_argument("--channels", type=int, choices=[1, 3], help="2D images: read as 1 (grey) or 3 (RGB) channels")
+    parser.add_argument("--channels-from-4d", action="store_true",
+                        help="read a 4D NIfTI file's volumes as input channels (refused otherwise: a 4th axis "
+                             "is usually time)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced only when complete)")
+
+
+def add_region_argument(parser: argparse.ArgumentParser) -> None:
+    """--region predicted|all|label (segmentation pooling)."""
+    from ..report.regions import DEFAULT_REGION, REGION_CHOICES
+
+    parser.add_argument("--region", choices=REGION_CHOICES, default=DEFAULT_REGION, help=REGION_HELP)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

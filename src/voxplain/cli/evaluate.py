@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 from . import UserError
+from ..evaluate.cohort import POOLS
 from ._common import parse_options
+
+POOL_WORDS = {"predicted": "its predicted voxels", "all": "all voxels", "label": "its ground-truth voxels"}
 
 HELP = "score explanation methods over a cohort: faithfulness, PIC, localisation, sanity checks"
 DESCRIPTION = """\
@@ -39,7 +42,9 @@ examples:
   voxplain evaluate --model models/demo-grade --data heldout --out eval --metrics localisation,complexity \\
       --option integrated_gradients.steps=16"""
 
-DEFAULT_METHODS = "vanilla_gradient,guided_backprop,integrated_gradients,smoothgrad,gradcam,guided_gradcam"
+#: NeuroXAI's seven methods plus CXAI's XRAI and Blur IG
+DEFAULT_METHODS = ("vanilla_gradient,guided_backprop,integrated_gradients,guided_ig,smoothgrad,gradcam,guided_gradcam,"
+                   "xrai,blur_ig")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["classify", "segment"], help="default: from the checkpoint")
     parser.add_argument("--region", default="WT", choices=["ET", "TC", "WT"],
                         help="BraTS region explained for a segmentation model (default WT)")
+    parser.add_argument("--pool", default="predicted", choices=list(POOLS),
+                        help="segmentation: what the region's channel is averaged over: 'predicted' (default: the "
+                             "voxels the model predicts as the region), 'all' (every voxel, NeuroXAI's global "
+                             "average pooling) or 'label' (the case's ground truth); what `explain --region` "
+                             "calls the region. Cases with an empty region are skipped (listed in the output)")
     parser.add_argument("--cases", type=int, metavar="N", help="evaluate at most N cases")
     parser.add_argument("--size", metavar="S", help="input size, e.g. 64,64,48 (default: the checkpoint's)")
     parser.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
@@ -125,8 +135,9 @@ def _load(args):
         if args.cases:
             n = min(n, args.cases)
         cases = cohort_cases(data, task, size, region=args.region,
-                             region_channels=config.get("region_names"), limit=n)
-        return model, cases, n, f"voxplain evaluation: {path.name} on {data.name} ({task})"
+                             region_channels=config.get("region_names"), limit=n, pool=args.pool)
+        what = f"{args.region}, mean over {POOL_WORDS[args.pool]}" if task == "segment" else task
+        return model, cases, n, f"voxplain evaluation: {path.name} on {data.name} ({what})"
     channels = len(config.get("channel_names") or ["grey"])
     cases = list(image_folder_cases(data, size=size or (64, 64), channels=channels, limit=args.cases))
     if not cases:
@@ -165,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         summary = result.summary()
         print(f"evaluated {len(result.cases)} case(s) x {len(methods)} method(s); wrote {out}/report.html")
+        for name, why in result.settings.get("skipped_cases", {}).items():
+            print(f"skipped {name}: {why}")
         keys = [k for k in ("deletion_auc", "insertion_auc", "WT_relevance_mass", "WT_pointing_game",
                             "randomisation_ssim") if any(k in s for s in summary.values())]
         print("method".ljust(24) + "".join(k.rjust(20) for k in keys))

@@ -5,16 +5,24 @@ from __future__ import annotations
 import argparse
 
 from . import UserError
-from ._common import add_model_input_arguments, add_run_arguments, command_line, parse_methods, parse_options
+from ._common import (add_model_input_arguments, add_region_argument, add_run_arguments, command_line, parse_methods,
+                      parse_options)
 
 HELP = "explain a model's decision on a scan or image: NIfTI maps, figures, summary.json, report.html"
 DESCRIPTION = """\
 Run explanation methods on one input (or every case of a folder) and write to --out:
-  maps/<target>_<method>.nii.gz  raw float32 maps on the scan's grid (same shape and affine)
+  maps/<target>_<method>.nii.gz  raw float32 maps on the scan's grid (same shape, affine, qform/sform codes)
+  prediction.nii.gz              segmentation models: the predicted label map on the scan's grid
+                                 (BraTS labels 1/2/4 for TC/WT/ET region models, argmax labels otherwise)
   figures/comparison_*.png       input channels, then one column per method, one row per target
-  summary.json                   model, targets, prediction and score, per-method options and seconds
+  summary.json                   model, targets (and how each is pooled), prediction vs ground truth,
+                                 per-method options, seconds, warnings and flags (all-zero maps...)
   report.html                    self-contained viewer (open it from disk; no network needed)
 A folder of cases gives one sub-folder per case and an index.html.
+Segmentation channels are explained by their output averaged over the voxels the
+model predicts as that class (--region predicted, the default); --region all is
+NeuroXAI's whole-volume average, --region label the case's ground truth. A class
+the model does not predict at all is skipped, and the report says so.
 Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
 checkpoint says (or padded to the size the network needs); maps are put back on
 the scan's grid."""
@@ -23,6 +31,7 @@ examples:
   voxplain explain --model models/demo-grade --input BraTS20_001 --task classify --out out/grade
   voxplain explain --model models/demo-unet --input BraTS20_001 --task segment --target WT,ET \\
       --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
+  voxplain explain --model models/demo-unet --input BraTS20_001 --target WT --region all --out out/seg-global
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
   voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
 
@@ -37,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated method names, or 'all' (default: NeuroXAI's seven)")
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, repeatable, e.g. guided_ig.steps=50")
-    parser.add_argument("--region", choices=["predicted"],
-                        help="segmentation: pool the class channel over its predicted mask instead of all voxels")
+    add_region_argument(parser)
     add_run_arguments(parser)
 
 
@@ -52,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                       methods=methods, weights=args.weights, options=parse_options(args.option),
                       device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
                       memory_budget=args.memory_budget, region=args.region,
-                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line())
+                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
+                      channels_from_4d=args.channels_from_4d)
     if not args.quiet:
         index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
         print(f"wrote {out}/ (open {index})")

@@ -6,8 +6,12 @@ orientation stored in the file. :class:`NiftiMeta` remembers the file's affine
 and orientation, so :func:`save_nifti_like` writes a map computed on the RAS
 array back on the source grid: it overlays the original scan in any viewer.
 
-4D files (a modality or time axis last in NIfTI) come back channels first,
-(C, X, Y, Z), following the (C, *spatial) convention of voxplain.
+A 4D file's fourth axis is usually time (fMRI, DWI, perfusion), not modalities,
+so :func:`load_nifti` refuses it unless asked to read that axis as channels
+(``channels_from_4d=True``); it then comes back channels first, (C, X, Y, Z),
+following the (C, *spatial) convention of voxplain. ITK-style vector images
+(components on the fifth axis) are channels by definition and are read as such.
+Written files keep the source's qform and sform codes (scanner, aligned, MNI...).
 """
 
 from __future__ import annotations
@@ -85,13 +89,14 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, NiftiMeta]:
-    """Read a 3D or 4D NIfTI file (``.nii`` or ``.nii.gz``, any data type and orientation).
+def load_nifti(path: str | os.PathLike, channels_from_4d: bool = False) -> tuple[np.ndarray, NiftiMeta]:
+    """Read a 3D NIfTI file (``.nii`` or ``.nii.gz``, any data type and orientation), or a 4D one on request.
 
     Returns the data as float32 in RAS order, (X, Y, Z) for 3D and (C, X, Y, Z) for
     4D, with the file's scaling applied, and its :class:`NiftiMeta`. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file if
-    it cannot be read or is not 3D/4D.
+    it cannot be read, is not 3D/4D, or is 4D without ``channels_from_4d`` (its
+    fourth axis, often time, would be read as input channels).
     """
     path = Path(path)
     if not path.is_file():
@@ -106,12 +111,17 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, NiftiMeta]:
         reason = " ".join(str(err).split()) or type(err).__name__
         raise ValueError(f"cannot read NIfTI file {path}: {reason}") from None
     # ITK-style vector images store channels as a 5th axis after a singleton time axis
+    vector = data.ndim == 5 and data.shape[3] == 1
     while data.ndim > 4 and data.shape[3] == 1:
         data = data[:, :, :, 0]
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in (3, 4):
         raise ValueError(f"expected a 3D or 4D image in {path}, got shape {data.shape}")
+    if data.ndim == 4 and not vector and not channels_from_4d:
+        raise ValueError(f"{path} is a 4D image of shape {data.shape}: its 4th axis ({data.shape[3]} volumes, "
+                         "often time points) would be read as input channels. Give one 3D file per channel, "
+                         "or pass --channels-from-4d (API: channels_from_4d=True) if the volumes are channels")
     if not np.isfinite(data).all():
         raise ValueError(f"{path} contains NaN or infinite values")
     affine = np.asarray(img.affine, dtype=float)
@@ -123,13 +133,21 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, NiftiMeta]:
     return np.ascontiguousarray(data, dtype=np.float32), meta
 
 
+def _xform_codes(header) -> tuple[int, int]:
+    """The (qform, sform) codes of a source header; scanner (1) without a header."""
+    if header is None:
+        return 1, 1
+    return int(header["qform_code"]), int(header["sform_code"])
+
+
 def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
                 header: nib.Nifti1Header | None = None, dtype=None, compresslevel: int = 1) -> Path:
     """Write a NIfTI file atomically; same inputs give the same bytes.
 
     ``data`` is written as stored (voxel order of ``affine``; a 4D array has its
-    channel axis last). ``.nii.gz`` files are gzipped without a time stamp or
-    file name in the gzip header, so a repeated run reproduces the file exactly.
+    channel axis last). The qform and sform codes are the ``header``'s (so a map
+    of an aligned or MNI-space scan says so too), scanner (1) without a header. ``.nii.gz`` files are gzipped without a time stamp or file
+    name in the gzip header, so a repeated run reproduces the file exactly.
     """
     path = Path(path)
     if not is_nifti_path(path):
@@ -137,11 +155,12 @@ def write_nifti(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike,
     data = np.asarray(data)
     if dtype is not None:
         data = data.astype(dtype)
+    qform_code, sform_code = _xform_codes(header)
     img = nib.Nifti1Image(data, np.asarray(affine, float), header=header)
     img.header.set_data_dtype(data.dtype)
     img.header.set_xyzt_units("mm", "sec")
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=qform_code)
+    img.set_sform(img.affine, code=sform_code)
     if np.issubdtype(data.dtype, np.floating):
         img.header.set_slope_inter(1.0, 0.0)
     raw = img.to_bytes()

@@ -22,7 +22,10 @@ from ..targets import BratsRegionTarget, ClassTarget
 from .runner import EvalCase
 from .shortcut import cohort_marker, marker_mask
 
-__all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases"]
+__all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases", "POOLS"]
+
+#: what a segmentation region's channel can be averaged over (as ``voxplain explain --region``)
+POOLS = ("predicted", "all", "label")
 
 
 def _dataset(root, task: str, size):
@@ -39,7 +42,7 @@ def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Se
 
 def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
                  region: str = "WT", region_channels: Sequence[str] | None = None,
-                 limit: int | None = None) -> Iterator[EvalCase]:
+                 limit: int | None = None, pool: str = "predicted") -> Iterator[EvalCase]:
     """Yield :class:`EvalCase` objects, one per case, loaded lazily.
 
     Args:
@@ -48,12 +51,17 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
             are ``region_channels``, default TC, WT, ET).
         size: crop size the model expects (default: the dataset's default for the voxel size).
         limit: at most this many cases (in the cohort's order).
+        pool: what the region's channel is averaged over: ``"predicted"`` (the voxels the
+            model predicts as the region), ``"all"`` (every voxel, NeuroXAI) or ``"label"``
+            (the case's ground truth of the region). An empty region skips the case.
     """
     from ..data.brats import read_subjects_table
     from ..data.preprocess import REGIONS, labels_to_regions
 
     if task not in ("classify", "segment"):
         raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     ds = _dataset(root, task, size)
     marker_info = cohort_marker(root)
     table = read_subjects_table(root) if marker_info is not None else {}
@@ -72,7 +80,12 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
         if task == "classify":
             target = ClassTarget(None)
         else:
-            target = BratsRegionTarget(region, layout="regions", channels=tuple(region_channels or REGIONS))
+            over = {"predicted": "predicted", "all": None}.get(pool)
+            if pool == "label":
+                over = (regions[list(REGIONS).index(region)] if regions is not None
+                        else torch.zeros(tuple(image.shape[1:]), dtype=torch.bool))  # no ground truth: skipped
+            target = BratsRegionTarget(region, layout="regions", channels=tuple(region_channels or REGIONS),
+                                       region=over)
         yield EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
 
 

@@ -151,6 +151,9 @@ def _html(result: EvaluationResult, summary, counts, figures: list[tuple[str, by
     imgs = "".join(f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='data:image/png;base64,"
                    f"{base64.b64encode(png).decode('ascii')}'>" for t, png in figures)
     cases = ", ".join(html.escape(c) for c in result.cases)
+    skipped = result.settings.get("skipped_cases") or {}
+    skipped_note = ("<p class='note'>Not explained (no values): " + "; ".join(
+        f"{html.escape(c)} ({html.escape(why)})" for c, why in skipped.items()) + "</p>") if skipped else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -168,6 +171,7 @@ img {{ max-width: 100%; }}
 count). &uarr; higher is better, &darr; lower is better; the best method per column is green. For the
 randomisation and random-logit columns lower similarity means the map depends on the model/class
 (the sanity check is passed). Cases: {cases}.</p>
+{skipped_note}
 <div style="overflow-x:auto"><table><thead><tr><th>method</th>{head}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table></div>
 {imgs}

@@ -17,6 +17,9 @@ scores every map:
 
 Values that a case cannot have (no region, healthy case, invalid PIC) are NaN
 and left out of the per-method means (``nanmean``); the result keeps the count.
+A case whose target pools over an empty region (e.g. the model predicts no
+tumour) is not explained: its values are NaN and ``settings["skipped_cases"]``
+says why.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from ..explain import explain_detailed
-from ..targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target, as_target
+from ..targets import (BratsRegionTarget, ClassTarget, EmptyRegionError, SegmentationTarget, Target, as_target,
+                       freeze_region)
 from .complexity import complexity_metrics
 from .faithfulness import curves_on
 from .features import feature_errors
@@ -142,6 +146,7 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
     curve_store: dict[str, dict[str, list]] = {m: {"deletion": [], "insertion": [], "sic": [], "aic": []}
                                                for m in methods}
     names: list[str] = []
+    skipped: dict[str, str] = {}
     randomisation: dict[str, Any] = {}
     run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
     pic_kw = {} if pic_thresholds is None else {"thresholds": list(pic_thresholds)}
@@ -149,7 +154,13 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
         names.append(case.name)
         x = case.image[None].float()
         target = as_target(case.target)
-        exp = explain_detailed(model, x, target, methods, options, seed=seed, progress=progress, **run_kw)
+        try:
+            exp = explain_detailed(model, x, target, methods, options, seed=seed, progress=progress, **run_kw)
+        except EmptyRegionError as err:
+            skipped[case.name] = str(err)
+            for m in methods:
+                _fill_missing(per_case, m, len(names))
+            continue
         prob_target = probability_target(target, exp.output)
         is_classifier = exp.output.ndim == 2
         regions = None if case.regions is None else torch.as_tensor(case.regions)[None]
@@ -185,7 +196,9 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
                     values.update({"marker_share": ms["share"][0], "marker_enrichment": ms["enrichment"][0]})
                 _append(per_case, m, values, len(names) - 1)
         if "randomisation" in families and len(randomisation) < randomisation_cases:
-            res = cascading_randomisation(model, x, methods, target, options, seed=seed, **run_kw)
+            # the randomised models explain the trained model's predicted region, not their own
+            res = cascading_randomisation(model, x, methods, freeze_region(target, exp.output), options, seed=seed,
+                                          **run_kw)
             randomisation[case.name] = res.as_dict()
             for m in methods:
                 vals = {f"randomisation_{k}": float(np.nanmean(v[1:])) if np.isfinite(v[1:]).any() else np.nan
@@ -201,7 +214,8 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
     curves = _summarise_curves(curve_store)
     settings = {"steps": steps, "baseline": baseline if not isinstance(baseline, Tensor) else "tensor",
                 "tolerance": tolerance, "seed": seed, "families": list(families),
-                "randomisation_cases": randomisation_cases, "options": {k: dict(v) for k, v in (options or {}).items()}}
+                "randomisation_cases": randomisation_cases, "options": {k: dict(v) for k, v in (options or {}).items()},
+                "skipped_cases": skipped}
     return EvaluationResult(methods, names, per_case, curves, randomisation, settings)
 
 

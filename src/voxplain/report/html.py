@@ -22,6 +22,10 @@ import numpy as np
 
 from ..atomic import atomic_file
 from .figures import MAP_CMAP
+from .notes import map_notes, map_state
+from .prediction import prediction_table
+from .regions import region_centre
+from .settings import settings_html
 from .study import Study
 from .volumes import display_image, display_map, downsample, quantise
 
@@ -43,6 +47,21 @@ def _as_volume(a: np.ndarray, ras_plane: bool = False) -> np.ndarray:
     return a
 
 
+def _pack_mask(mask, ras_plane: bool, max_voxels: int) -> str | None:
+    if mask is None or not np.any(mask):
+        return None
+    vol, _ = downsample(_as_volume(np.asarray(mask, np.float32), ras_plane), max_voxels)
+    return _pack((vol >= 0.5).astype(np.float32))
+
+
+def _focus(mask, ras_plane: bool, max_voxels: int) -> list[int] | None:
+    """The region's centre in the viewer's (downsampled) voxels."""
+    if mask is None or not np.any(mask):
+        return None
+    vol, _ = downsample(_as_volume(np.asarray(mask, np.float32), ras_plane), max_voxels)
+    return region_centre(vol >= 0.5) or region_centre(vol > 0)
+
+
 def _study_payload(study: Study, max_voxels: int) -> dict[str, Any]:
     images, factor, dims = [], 1, []
     for c in range(study.image.shape[0]):
@@ -50,28 +69,37 @@ def _study_payload(study: Study, max_voxels: int) -> dict[str, Any]:
         images.append(_pack(vol))
         dims = list(vol.shape)
     overlays: dict[str, dict[str, Any]] = {}
+    targets: dict[str, dict[str, Any]] = {}
     focus_total = None
     for target, per_method in study.maps.items():
         overlays[target] = {}
+        info = study.info(target)
         for method, m in per_method.items():
             shown, vmax = display_map(m)
             shown = _as_volume(shown, study.ras_plane)
             focus_total = shown if focus_total is None else focus_total + shown
             vol, _ = downsample(shown, max_voxels)
-            info = f"{target}, {method}: |map| summed over {m.shape[0]} channel(s), scaled to its 99th percentile"
-            overlays[target][method] = {"data": _pack(vol), "vmax": vmax, "info": info}
+            info_text = (f"{method.replace('_', ' ')}: |map| summed over {m.shape[0]} channel(s), scaled so its "
+                         f"99th percentile ({vmax:.3g}) = 1")
+            overlays[target][method] = {"data": _pack(vol), "vmax": vmax, "info": info_text,
+                                        "state": map_state(m), "notes": map_notes(study, target, method)}
+        region = info.focus()
+        targets[target] = {"pooling": info.pooling, "truth": _pack_mask(info.truth, study.ras_plane, max_voxels),
+                           "predicted": _pack_mask(info.predicted, study.ras_plane, max_voxels),
+                           "focus": _focus(region, study.ras_plane, max_voxels)}
     if study.is_volume or study.ras_plane:
         spacing = [*study.spacing, 1.0][:3]
     else:
         spacing = [study.spacing[1], study.spacing[0], 1.0]
-    focus = None
-    if focus_total is not None and focus_total.any():
+    focus = next((t["focus"] for t in targets.values() if t["focus"] is not None), None)
+    if focus is None and focus_total is not None and focus_total.any():
         small, _ = downsample(focus_total, max_voxels)
         focus = [int(i) for i in np.unravel_index(int(np.argmax(small)), small.shape)]
     return {
         "name": study.name, "dims": dims, "spacing": [s * factor for s in spacing], "downsampled": factor,
-        "channels": list(study.channels), "images": images, "overlays": overlays, "focus": focus,
-        "prediction": study.prediction,
+        "channels": list(study.channels), "images": images, "overlays": overlays, "targets": targets,
+        "focus": focus, "skipped": dict(study.skipped), "prediction": study.prediction,
+        "prediction_table": prediction_table(study.prediction),
     }
 
 
@@ -137,15 +165,22 @@ def render_html(studies: Sequence[Study], figures: Sequence[tuple[str, bytes | s
 <label>Method <select id="method"></select></label>
 <label>Background <select id="channel"></select></label>
 <label>Overlay opacity <input type="range" id="opacity" min="0" max="100" value="60"></label>
-<span class="colourbar">0 <canvas id="colourbar" width="256" height="1"></canvas> <span id="cb-max"></span></span>
+<label><input type="checkbox" id="show-truth" checked> <span class="swatch truth"></span>ground truth</label>
+<label><input type="checkbox" id="show-predicted" checked> <span class="swatch predicted"></span>prediction</label>
 </div>
+<div class="colourbar" id="colourbar-box"><span>0</span><canvas id="colourbar" width="256" height="1"></canvas>
+<span>1</span><span id="cb-label" class="caption"></span></div>
 <div id="viewer-error" class="error"></div>
+<p class="target-info" id="target-info"></p>
 <div class="views">{views}</div>
 <p class="caption" id="map-info"></p>
-<h3>Prediction</h3><table id="prediction"></table>
+<ul class="notes" id="map-notes"></ul>
+<p class="notes" id="skipped"></p>
+<h3>Prediction</h3><div id="prediction"></div>
 </section>
 <section id="figures"><h2>Figures</h2>{"".join(figs) or "<p>No figures.</p>"}</section>
-<section id="settings"><h2>Settings</h2><pre>{html.escape(settings_json)}</pre></section>
+<section id="settings"><h2>Settings</h2>{settings_html(settings or {}, studies)}
+<details><summary>All settings as JSON</summary><pre>{html.escape(settings_json)}</pre></details></section>
 </main>
 <script type="application/json" id="voxplain-data">{_json_script(payload)}</script>
 <script>{_asset("viewer.js")}</script>

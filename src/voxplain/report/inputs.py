@@ -1,7 +1,7 @@
 """Read what ``voxplain explain`` / ``inspect`` are pointed at into :class:`Case` objects.
 
 Accepted: a BraTS case folder, a folder of case folders, one or more NIfTI files
-(one channel each, or one 4D file), a PNG/JPEG image. Volumes come back in RAS
+(one channel each, or one 4D file when its volumes are channels), a PNG/JPEG image. Volumes come back in RAS
 voxel order with the :class:`~voxplain.data.nifti.NiftiMeta` of their source, so
 maps can be written back on the scan's grid.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,18 @@ class Case:
     channels: list[str]
     meta: Any = None  # NiftiMeta for volumes, None for 2D images
     seg: np.ndarray | None = None
+    #: what a cohort table says of the case (a phantom's subjects.csv row, BraTS 2020's name_mapping.csv)
+    facts: dict[str, str] = field(default_factory=dict)
+
+    def label_among(self, class_names: Sequence[str] | None) -> str | None:
+        """The case's known class among ``class_names`` (e.g. its grade ``"HGG"``), or None."""
+        if not class_names:
+            return None
+        for key in ("label", "class", "grade", *self.facts):
+            value = str(self.facts.get(key, "")).strip()
+            if value and value in class_names:
+                return value
+        return None
 
     @property
     def is_volume(self) -> bool:
@@ -66,12 +78,12 @@ def _load_image(path: Path, channels: int | None) -> Case:
     return Case(path.stem, np.ascontiguousarray(image), names)
 
 
-def _load_nifti_files(paths: Sequence[Path]) -> Case:
+def _load_nifti_files(paths: Sequence[Path], channels_from_4d: bool = False) -> Case:
     from ..data.nifti import load_nifti
 
     arrays, names, meta = [], [], None
     for p in paths:
-        data, m = load_nifti(p)
+        data, m = load_nifti(p, channels_from_4d=channels_from_4d)
         if data.ndim == 3:
             data = data[None]
         if meta is None:
@@ -90,8 +102,15 @@ def _load_nifti_files(paths: Sequence[Path]) -> Case:
 def _load_brats(folder: Path) -> Case:
     from ..data.brats import load_brats_case
 
+    from ..data.brats import read_subjects_table
+
     case = load_brats_case(folder)
-    return Case(case.name, case.image, list(case.modalities), case.meta, case.seg)
+    try:
+        facts = read_subjects_table(folder.parent).get(case.name, {})
+    except (OSError, ValueError, KeyError):
+        facts = {}  # an unreadable cohort table only costs the comparison with the case's label
+    return Case(case.name, case.image, list(case.modalities), case.meta, case.seg,
+                {str(k): str(v) for k, v in facts.items()})
 
 
 def _is_case_folder(folder: Path) -> bool:
@@ -101,12 +120,14 @@ def _is_case_folder(folder: Path) -> bool:
     return any(m in files for m in ("t1", "t1ce", "t2", "flair"))
 
 
-def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None) -> list[Case]:
+def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None,
+               channels_from_4d: bool = False) -> list[Case]:
     """Load the inputs of a command into cases (several for a folder of case folders).
 
     Args:
         inputs: one folder or image, or one or more NIfTI files (stacked as channels).
         channels: for 2D images, 1 (grey) or 3 (RGB); default as stored.
+        channels_from_4d: read a 4D NIfTI file's volumes as channels (refused otherwise).
     """
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -118,7 +139,7 @@ def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None)
         if not all(p.is_file() and _strip_nifti(p.name) != p.name for p in paths):
             raise ValueError("several inputs must all be NIfTI files (one channel each); "
                              f"got {', '.join(str(p) for p in paths)}")
-        return [_load_nifti_files(paths)]
+        return [_load_nifti_files(paths, channels_from_4d)]
     path = paths[0]
     if path.is_dir():
         if _is_case_folder(path):
@@ -131,7 +152,7 @@ def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None)
                              "nor a folder of case folders")
         return [_load_brats(f) for f in folders]
     if _strip_nifti(path.name) != path.name:
-        return [_load_nifti_files([path])]
+        return [_load_nifti_files([path], channels_from_4d)]
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [_load_image(path, channels)]
     raise ValueError(f"cannot tell what {path} is: expected a BraTS case folder, a folder of cases, "

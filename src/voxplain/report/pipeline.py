@@ -19,11 +19,16 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
-from ..targets import SegmentationTarget, Target
+from ..targets import Target
 from .inputs import Case, load_cases
 from .figures import comparison_grid, study_rows
 from .study import Study
-from .summary import jsonable, methods_summary, prediction_summary
+from .case_study import case_prediction, case_study, target_info
+from .prediction import prediction_line
+from .layer_labels import layer_output_shapes, short_layer_labels
+from .regions import DEFAULT_REGION
+from .summary import jsonable
+from .target_choice import channel_names, choose_targets, parse_targets
 from .writer import ScanSpace, slug, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
@@ -57,6 +62,7 @@ class Prepared:
     x: torch.Tensor
     to_scan: Callable[[np.ndarray], np.ndarray] | None
     notes: dict[str, Any]
+    seg: np.ndarray | None = None  # the case's ground-truth labels on the model's grid
 
 
 def _multiple(model: nn.Module) -> int:
@@ -82,6 +88,7 @@ def prepare_case(case: Case, model: nn.Module, config: dict | None = None, norma
 
     config = config or {}
     image = case.image
+    seg = case.seg
     notes: dict[str, Any] = {}
     if case.is_volume and normalise:
         image = zscore_nonzero(image)
@@ -96,11 +103,13 @@ def prepare_case(case: Case, model: nn.Module, config: dict | None = None, norma
                 centre = foreground_centre(case.image)
             image, box = crop_or_pad(image, size, centre=centre, return_box=True)
             notes["crop_or_pad"] = list(size)
+            seg = None if seg is None else box.apply(seg)
         else:
             k = _multiple(model)
             target = tuple(int(math.ceil(n / k) * k) for n in spatial)
             box = crop_box(spatial, target)
             image = box.apply(image)
+            seg = None if seg is None else box.apply(seg)
             if target != tuple(spatial):
                 notes["pad_to_multiple_of"] = k
         if tuple(box.size) != tuple(box.source_shape) or any(box.start):
@@ -110,74 +119,13 @@ def prepare_case(case: Case, model: nn.Module, config: dict | None = None, norma
 
         image = resize(image, (image.shape[0], *size), order=1, preserve_range=True, anti_aliasing=True)
         notes["resized_to"] = list(size)
+        seg = None
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    return Prepared(x, to_scan, notes)
-
-
-def _names_for(config: dict, task: str) -> list[str] | None:
-    key = "class_names" if task == "classify" else "region_names"
-    names = config.get(key)
-    return [str(n) for n in names] if names else None
-
-
-def parse_targets(task: str, spec: str | None, output: torch.Tensor, config: dict | None = None,
-                  region: str | None = None) -> list[tuple[str, Target]]:
-    """The targets to explain, as ``(label, target)`` pairs.
-
-    ``spec``: comma-separated class/channel indices or names (from the checkpoint),
-    ``"predicted"`` (classification default) or ``"all"`` (segmentation default:
-    every output channel).
-    """
-    from ..targets import ClassTarget
-
-    config = config or {}
-    if task not in ("classify", "segment"):
-        raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
-    if task == "classify" and output.ndim != 2:
-        raise ValueError(f"--task classify needs a model with a (B, K) output, this one gives "
-                         f"{tuple(output.shape)}; use --task segment")
-    if task == "segment" and output.ndim < 3:
-        raise ValueError(f"--task segment needs a model with a (B, K, *spatial) output, this one gives "
-                         f"{tuple(output.shape)}; use --task classify")
-    k = output.shape[1]
-    names = _names_for(config, task)
-    spec = (spec or ("predicted" if task == "classify" else "all")).strip()
-    if spec == "predicted":
-        if task != "classify":
-            raise ValueError("--target predicted is for classification; name segmentation channels or use 'all'")
-        c = int(output[0].argmax())
-        return [(f"predicted {names[c] if names and c < len(names) else c}", ClassTarget(c))]
-    indices = list(range(k)) if spec == "all" else []
-    if spec != "all":
-        for item in (s.strip() for s in spec.split(",")):
-            if names and item in names:
-                indices.append(names.index(item))
-            elif item.lstrip("-").isdigit():
-                indices.append(int(item))
-            else:
-                known = f"; known names: {', '.join(names)}" if names else ""
-                raise ValueError(f"--target {item!r} is not a class index{' or name' if names else ''}{known}")
-    out = []
-    for i in indices:
-        if not 0 <= i < k:
-            raise IndexError(f"--target {i} is out of range: the model has {k} output "
-                             f"{'class' if task == 'classify' else 'channel'}(s), valid 0..{k - 1}")
-        label = names[i] if names and i < len(names) else f"{'class' if task == 'classify' else 'channel'} {i}"
-        if task == "classify":
-            out.append((label, ClassTarget(i)))
-        else:
-            activation = "sigmoid" if _independent(config) else "softmax"
-            out.append((label, SegmentationTarget(i, region=region, activation=activation)))
-    return out
+    return Prepared(x, to_scan, notes, None if seg is None else np.rint(np.asarray(seg)).astype(np.int16))
 
 
 #: cases shown in the comparison grid of a folder of cases (one row each)
 MAX_CASE_ROWS = 8
-
-
-def _independent(config: dict) -> bool:
-    """True when the checkpoint says its output channels are independent sigmoid regions."""
-    return "sigmoid" in str(config.get("output", ""))
 
 
 def _forward(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
@@ -193,28 +141,29 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                  batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
                  normalise: bool = True, name: str | None = None, size: Sequence[int] | None = None,
                  centre: Sequence[float] | None = None) -> tuple[Study, ScanSpace | None]:
-    """Explain one case with every method for every target; returns the study and where its maps go."""
+    """Explain one case with every method for every target; returns the study and where its maps go.
+
+    Segmentation targets pool their channel over ``region`` (default: the predicted
+    voxels; see :mod:`voxplain.report.target_choice`); a target with an empty region
+    is skipped and the study says why.
+    """
     from ..explain import explain_detailed
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre)
     output = _forward(loaded.model, prepared.x, device)
-    targets = parse_targets(task, target_spec, output, loaded.config, region)
-    class_names = _names_for(loaded.config, task)
-    maps: dict[str, dict[str, Any]] = {}
-    per_target: dict[str, Any] = {}
-    prediction = prediction_summary(output, 0, class_names, independent=_independent(loaded.config))
-    for label, target in targets:
-        expl = explain_detailed(loaded.model, prepared.x, target, methods, options, device=device,
-                                batch_size=batch_size, memory_budget=memory_budget, seed=seed, progress=progress)
-        maps[label] = {m: v[0].numpy() for m, v in expl.maps.items()}
-        per_target[label] = {"target": jsonable(expl.target), "explained_score": round(float(expl.scores[0]), 6),
-                             "methods": methods_summary(expl)}
-    prediction["targets"] = {label: {"explained_score": v["explained_score"]} for label, v in per_target.items()}
+    choices = choose_targets(task, target_spec, output, loaded.config, region, prepared.seg, case.name)
+    explanations = {}
+    for choice in choices:
+        if choice.target is not None:
+            explanations[choice.label] = explain_detailed(
+                loaded.model, prepared.x, choice.target, methods, options, device=device, batch_size=batch_size,
+                memory_budget=memory_budget, seed=seed, progress=progress)
     model_info = {k: loaded.config[k] for k in ("model", "model_config", "task") if k in loaded.config}
-    settings = {"model": loaded.spec, "model_config": jsonable(model_info),
-                "task": task, "preprocessing": prepared.notes, "targets": per_target}
-    study = Study(name or case.name, prepared.x[0].numpy(), case.channels, maps, prediction=prediction,
-                  settings=settings, spacing=case.spacing)
+    settings = {"model": loaded.spec, "model_config": jsonable(model_info), "task": task,
+                "region": region or DEFAULT_REGION if task == "segment" else None, "preprocessing": prepared.notes}
+    study = case_study(name or case.name, prepared.x[0].numpy(), case.channels, task, loaded.config, output,
+                       choices, explanations, case.spacing, prepared.seg,
+                       case.label_among(channel_names(loaded.config, task)), settings)
     scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
     return study, scan
 
@@ -238,7 +187,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                 methods: Sequence[str], weights: str | None = None, options: dict | None = None, device=None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
-                channels: int | None = None, command: str = "") -> Path:
+                channels: int | None = None, command: str = "", channels_from_4d: bool = False) -> Path:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
     from ..methods import create_method
 
@@ -246,56 +195,89 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
-    cases = load_cases(inputs, channels)
+    cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
-                "task": task, "target": target, "methods": list(methods), "options": options or {}, "seed": seed,
+                "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
+                "methods": list(methods), "options": options or {}, "seed": seed,
                 "device": str(device or "model's device")}
     with atomic_dir(out) as tmp:
-        entries, rows = [], []
+        entries, rows, skipped = [], [], []
         for case in cases:
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
                                        batch_size, memory_budget, region)
             folder = tmp / slug(case.name) if len(cases) > 1 else tmp
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
                          title=f"voxplain: {case.name}")
-            pred = study.prediction.get("predicted_label", study.prediction.get("predicted_class",
-                                        study.prediction.get("voxels_per_channel", "")))
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
-                            else "report.html", str(pred)))
-            if len(rows) < MAX_CASE_ROWS:  # the first target of each case, for the grid with a row per case
-                first = study_rows(study)[0]
-                first.label = f"{case.name}\n{first.label}"
-                rows.append(first)
+                            else "report.html", prediction_line(study.prediction)))
+            case_rows = study_rows(study)
+            if case_rows and len(rows) < MAX_CASE_ROWS:  # the first target of each case, a row per case
+                case_rows[0].label = f"{case.name}\n{case_rows[0].label}"
+                rows.append(case_rows[0])
+            elif not case_rows:
+                skipped.append(f"{case.name}: " + "; ".join(f"{t} not explained ({why})"
+                                                              for t, why in study.skipped.items()))
         if len(cases) > 1:
-            comparison_grid(tmp / "comparison_cases.png", rows,
-                            title=f"{len(rows)} of {len(cases)} cases" if len(cases) > len(rows) else None)
-            write_index(tmp / "index.html", entries, title=f"voxplain: {len(cases)} cases",
-                        figure="comparison_cases.png")
+            figure = None
+            if rows:
+                figure = "comparison_cases.png"
+                comparison_grid(tmp / figure, rows, notes=skipped,
+                                title=f"{len(rows)} of {len(cases)} cases" if len(cases) > len(rows) else None)
+            write_index(tmp / "index.html", entries, title=f"voxplain: {len(cases)} cases", figure=figure)
     return out
+
+
+def layer_by_layer(loaded: LoadedModel, x: torch.Tensor, target: Target, output: torch.Tensor, device=None,
+                   batch_size: int | None = None, memory_budget: str | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, str], list[dict[str, Any]]]:
+    """Grad-CAM at every conv layer in network order: ``(CAMs, figure titles, layer table)``.
+
+    CAMs are upsampled to the input, (1, *spatial) per layer; titles name layers
+    like ``enc 1`` / ``bottleneck`` / ``dec 1`` / ``head``
+    (:func:`~voxplain.report.layer_labels.short_layer_labels`) with their output
+    size; the table lists label, module path and output shape of each layer (for
+    ``summary.json``).
+    """
+    from ..methods.gradcam import gradcam_per_layer
+
+    cams = gradcam_per_layer(loaded.model, x, target, device=device, batch_size=batch_size,
+                             memory_budget=memory_budget)
+    shapes = layer_output_shapes(loaded.model, x, list(cams), lambda m, xx: _forward(m, xx, device))
+    labels = short_layer_labels(shapes, tuple(output.shape[1:]))
+    table = [{"label": labels.get(n, n), "module": n, "output_shape": list(shape)} for n, shape in shapes]
+    titles = {n: f"{labels[n]} · {'×'.join(str(d) for d in shape[1:])}" for n, shape in shapes if n in labels}
+    return {n: cam[0].numpy() for n, cam in cams.items()}, titles, table
 
 
 def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, device=None,
                  layer: str | None = None, normalise: bool = True, batch_size: int | None = None,
-                 memory_budget: str | None = None) -> tuple[Study, ScanSpace | None, np.ndarray, str]:
+                 memory_budget: str | None = None, region: str | None = None
+                 ) -> tuple[Study, ScanSpace | None, np.ndarray, str]:
     """Grad-CAM at every conv layer (network order) and the activations of one layer, for one case.
 
-    Returns the study (its ``layers`` hold the CAMs; its maps the CAMs of the first,
-    middle and last layer, for the viewer and NIfTI files), where its maps go, the
-    chosen layer's per-filter activations (K, *layer spatial) and that layer's name.
+    The first target of ``target_spec`` that is not skipped is inspected (segmentation:
+    pooled over ``region``, default the predicted voxels). Returns the study (its
+    ``layers`` hold the CAMs; its maps the CAMs of the first, middle and last layer,
+    for the viewer and NIfTI files), where its maps go, the chosen layer's per-filter
+    activations (K, *layer spatial) and that layer's name.
     """
     from ..engine import Engine
-    from ..methods.gradcam import gradcam_per_layer
     from ..methods.layer_select import inspection_layers, resolve_layer
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise)
     output = _forward(loaded.model, prepared.x, device)
-    label, target = parse_targets(task, target_spec, output, loaded.config)[0]
-    cams = gradcam_per_layer(loaded.model, prepared.x, target, device=device, batch_size=batch_size,
-                             memory_budget=memory_budget)
+    choices = choose_targets(task, target_spec, output, loaded.config, region, prepared.seg, case.name)
+    choice = next((c for c in choices if c.target is not None), None)
+    if choice is None:
+        raise ValueError(f"nothing to inspect in {case.name}: "
+                         + "; ".join(f"{c.label}: {c.skipped}" for c in choices) + "; try --region all")
+    layers, titles, table = layer_by_layer(loaded, prepared.x, choice.target, output, device, batch_size,
+                                           memory_budget)
+    labels = {row["module"]: row["label"] for row in table}
     if layer is None:
         with Engine(loaded.model, device=device) as engine:
             chosen = inspection_layers(engine, prepared.x.to(engine.device))
-        layer = chosen[len(chosen) // 2][0] if chosen else next(iter(cams))
+        layer = chosen[len(chosen) // 2][0] if chosen else next(iter(layers))
     module = resolve_layer(loaded.model, layer)
     captured: list[torch.Tensor] = []
     handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach().cpu()))
@@ -305,15 +287,16 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
         handle.remove()
     if not captured or captured[0].ndim != prepared.x.ndim:
         raise ValueError(f"layer {layer!r} has no spatial output to show per filter")
-    layers = {name: cam[0].numpy() for name, cam in cams.items()}
     names = list(layers)
-    shown = {f"{label}": {f"gradcam@{n}": layers[n] for n in dict.fromkeys([names[0], names[len(names) // 2],
-                                                                            names[-1]])}}
-    prediction = prediction_summary(output, 0, _names_for(loaded.config, task), independent=_independent(loaded.config))
+    shown = {choice.label: {f"gradcam@{labels.get(n, n)}": layers[n]
+                            for n in dict.fromkeys([names[0], names[len(names) // 2], names[-1]])}}
+    prediction = case_prediction(output, loaded.config, task, case.spacing, prepared.seg,
+                                 case.label_among(channel_names(loaded.config, task)))
     study = Study(case.name, prepared.x[0].numpy(), case.channels, shown, prediction=prediction,
-                  settings={"model": loaded.spec, "task": task, "target": label, "layers": names,
-                            "filters_of": layer, "preprocessing": prepared.notes},
-                  spacing=case.spacing, layers=layers)
+                  settings={"model": loaded.spec, "task": task, "target": choice.label, "pooling": choice.pooling,
+                            "layers": table, "filters_of": layer, "preprocessing": prepared.notes},
+                  spacing=case.spacing, layers=layers, targets={choice.label: target_info(choice)},
+                  skipped={c.label: c.skipped for c in choices if c.skipped}, layer_labels=titles)
     scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
     return study, scan, captured[0][0].numpy(), layer
 
@@ -321,20 +304,22 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
 def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None = None,
                 layer: str | None = None, weights: str | None = None, device=None,
                 allow_unsafe_pickle: bool = False, channels: int | None = None, command: str = "",
-                batch_size: int | None = None, memory_budget: str | None = None) -> Path:
+                batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
+                channels_from_4d: bool = False) -> Path:
     """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
     from .figures import filter_grid
 
     out = check_output_folder(out)
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
-    cases = load_cases(inputs, channels)
+    cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
-                "target": target, "layer": layer}
+                "target": target, "region": region or DEFAULT_REGION if task == "segment" else None, "layer": layer}
     with atomic_dir(out) as tmp:
         entries = []
         for case in cases:
             study, scan, acts, chosen = inspect_case(loaded, case, task, target, device, layer,
-                                               batch_size=batch_size, memory_budget=memory_budget)
+                                                     batch_size=batch_size, memory_budget=memory_budget,
+                                                     region=region)
             folder = tmp / slug(case.name) if len(cases) > 1 else tmp
             rel = f"figures/filters_{slug(chosen)}.png"
             filter_grid(folder / rel, acts, chosen)
@@ -342,7 +327,7 @@ def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                          figures=[(f"Activations of {chosen}, one panel per filter", rel)],
                          title=f"voxplain inspect: {case.name}")
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
-                            else "report.html", str(study.prediction.get("predicted_class", ""))))
+                            else "report.html", prediction_line(study.prediction)))
         if len(cases) > 1:
             write_index(tmp / "index.html", entries, title=f"voxplain inspect: {len(cases)} cases")
     return out

@@ -12,7 +12,7 @@ import torch
 
 from ..atomic import atomic_file
 
-__all__ = ["prediction_summary", "methods_summary", "write_json", "jsonable"]
+__all__ = ["prediction_summary", "methods_summary", "study_summary", "write_json", "jsonable"]
 
 
 def jsonable(value: Any) -> Any:
@@ -77,6 +77,35 @@ def methods_summary(explanation) -> dict[str, Any]:
     return {name: {"options": jsonable(explanation.options.get(name, {})),
                    "seconds": round(float(explanation.seconds.get(name, float("nan"))), 4)}
             for name in explanation.maps}
+
+
+def study_summary(study) -> dict[str, Any]:
+    """A study's entry of ``summary.json`` (without its files): prediction, settings, targets, map notes.
+
+    ``targets`` holds, per explained target, how its score is pooled and, per method,
+    the map's state (``"ok"``, ``"all zero"``, ``"constant (v)"``), the notes the report
+    shows beside it and the completeness check of IG-type maps; ``skipped_targets``
+    the targets not explained and why; ``layers`` the figure title and module path of each inspected layer.
+    """
+    from .notes import COMPLETENESS_LIMIT, map_notes, map_state
+
+    targets: dict[str, Any] = {}
+    for target, per_method in study.maps.items():
+        info = study.info(target)
+        maps = {}
+        for method, m in per_method.items():
+            item: dict[str, Any] = {"state": map_state(m) or "ok", "notes": map_notes(study, target, method)}
+            check = info.completeness.get(method)
+            if check is not None:
+                item["completeness"] = {**{k: round(v, 6) for k, v in check.items()},
+                                        "flagged": bool(check["error"] > COMPLETENESS_LIMIT)}
+            maps[method] = item
+        targets[target] = {"pooling": info.pooling, "maps": maps}
+    entry: dict[str, Any] = {"name": study.name, "prediction": study.prediction, "settings": study.settings,
+                             "targets": targets, "skipped_targets": dict(study.skipped), "maps": {}, "figures": []}
+    if study.layers:
+        entry["layers"] = [{"title": study.layer_labels.get(name, name), "module": name} for name in study.layers]
+    return entry
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_file
+from ..data.nifti import save_nifti_like
 from .figures import comparison_grid, inspection_grid, study_rows
 from .html import DEFAULT_MAX_VOXELS, write_html
 from .nifti_maps import map_filename, save_map_nifti
 from .study import Study
-from .summary import write_json
+from .summary import study_summary, write_json
 
 __all__ = ["ScanSpace", "write_report", "write_index", "slug"]
 
@@ -28,11 +29,23 @@ class ScanSpace:
 
     ``to_scan`` takes a map (C, *input spatial) and returns it on the scan's
     (RAS) voxel grid, e.g. undoing a crop or pad; ``None`` when the model saw
-    the scan's grid as is.
+    the scan's grid as is. ``labels_to_scan`` does the same for a label map
+    (*input spatial) and must not mix labels (nearest neighbour where it
+    resamples); ``None`` uses ``to_scan``, which only crops and pads.
     """
 
     meta: Any
     to_scan: Callable[[np.ndarray], np.ndarray] | None = None
+    labels_to_scan: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def map_on_scan(self, attribution: np.ndarray) -> np.ndarray:
+        """A map (C, *input spatial) on the scan's grid."""
+        return self.to_scan(attribution) if self.to_scan is not None else attribution
+
+    def labels_on_scan(self, labels: np.ndarray) -> np.ndarray:
+        """A label map (*input spatial) on the scan's grid, labels kept as they are."""
+        back = self.labels_to_scan or self.to_scan
+        return np.rint(back(labels)).astype(np.int16) if back is not None else labels.astype(np.int16)
 
 
 def slug(name: str) -> str:
@@ -62,25 +75,34 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
     summary_studies = []
     for study in studies:
         sub = slug(study.name) if len(studies) > 1 else ""
-        entry: dict[str, Any] = {"name": study.name, "prediction": study.prediction,
-                                 "settings": study.settings, "maps": {}, "figures": []}
+        entry = study_summary(study)
         scan = scans.get(study.name)
         if scan is not None:
             for target, per_method in study.maps.items():
                 for method, m in per_method.items():
                     rel = Path("maps", sub, map_filename(target, method))
-                    scan_map = scan.to_scan(m) if scan.to_scan is not None else m
-                    save_map_nifti(scan_map, scan.meta, folder / rel)
+                    save_map_nifti(scan.map_on_scan(m), scan.meta, folder / rel)
                     entry["maps"].setdefault(target, {})[method] = rel.as_posix()
+            if study.labels is not None and study.is_volume:
+                rel = Path(sub, "prediction.nii.gz")
+                save_nifti_like(scan.labels_on_scan(np.asarray(study.labels)), scan.meta, folder / rel,
+                                dtype=np.int16)
+                entry["prediction_map"] = rel.as_posix()
+        skipped = [f"{t} not explained: {why}" for t, why in study.skipped.items()]
         if study.maps:
             rel = f"figures/comparison_{slug(study.name)}.png"
-            comparison_grid(folder / rel, study_rows(study), title=study.name)
+            comparison_grid(folder / rel, study_rows(study), title=study.name, notes=skipped)
             shown.append((f"Method comparison: {study.name}", rel))
             entry["figures"].append(rel)
         if study.layers:
             rel = f"figures/inspection_{slug(study.name)}.png"
-            inspection_grid(folder / rel, study.image, study.layers,
-                            title=f"Grad-CAM layer by layer: {study.name}", ras_plane=study.ras_plane)
+            target = study.settings.get("inspection", {}).get("target") or next(iter(study.maps), None)
+            info = study.info(target) if target is not None else None
+            inspection_grid(folder / rel, study.image, study.layers, labels=study.layer_labels,
+                            title=f"Grad-CAM layer by layer: {study.name}" + (f" ({info.pooling})" if info and
+                                                                               info.pooling else ""),
+                            ras_plane=study.ras_plane, truth=info.truth if info else None,
+                            predicted=info.predicted if info else None)
             shown.append((f"Network inspection: {study.name}", rel))
             entry["figures"].append(rel)
         summary_studies.append(entry)

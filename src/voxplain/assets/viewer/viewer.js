@@ -11,7 +11,9 @@
   ];
   const cache = new Map();
   const $ = (id) => document.getElementById(id);
-  const state = { study: 0, target: null, method: null, channel: 0, opacity: 0.6, pos: [0, 0, 0] };
+  const state = { study: 0, target: null, method: null, channel: 0, opacity: 0.6, pos: [0, 0, 0],
+                  showTruth: true, showPredicted: true };
+  const TRUTH = [60, 240, 60], PREDICTED = [32, 208, 255];
 
   async function decode(b64) {
     if (cache.has(b64)) return cache.get(b64);
@@ -38,6 +40,40 @@
     return sel.value;
   }
 
+  // the viewer opens on the target's region (ground truth when known, else the prediction)
+  function focusTarget() {
+    const s = study();
+    const t = (s.targets || {})[state.target] || {};
+    const focus = t.focus || s.focus;
+    state.pos = s.dims.map((d, i) => (focus ? focus[i] : Math.floor(d / 2)));
+    for (const view of VIEWS) $("slice-" + view.id).value = state.pos[view.fixed];
+    $("target-info").textContent = t.pooling ? "Explained score: " + t.pooling : "";
+  }
+
+  function fillPrediction(table) {
+    const box = $("prediction");
+    box.innerHTML = "";
+    if (!table) return;
+    const tbl = document.createElement("table");
+    const head = document.createElement("tr");
+    for (const c of table.columns) {
+      const th = document.createElement("th"); th.textContent = c; head.appendChild(th);
+    }
+    tbl.appendChild(head);
+    for (const row of table.rows) {
+      const tr = document.createElement("tr");
+      for (const c of row) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+      tbl.appendChild(tr);
+    }
+    box.appendChild(tbl);
+    for (const note of table.notes || []) {
+      const p = document.createElement("p");
+      p.className = table.disagree ? "disagree" : "agree";
+      p.textContent = note;
+      box.appendChild(p);
+    }
+  }
+
   function setupStudy() {
     const s = study();
     state.target = fillSelect($("target"), Object.keys(s.overlays), state.target);
@@ -49,13 +85,12 @@
       const o = document.createElement("option"); o.value = i; o.textContent = c; chSel.appendChild(o);
     });
     chSel.value = state.channel;
-    state.pos = s.dims.map((d, i) => (s.focus ? s.focus[i] : Math.floor(d / 2)));
     for (const view of VIEWS) {
       const n = s.dims[view.fixed];
       $("box-" + view.id).style.display = shown(s, view) ? "" : "none";
       const slider = $("slice-" + view.id);
       slider.style.visibility = n > 1 ? "" : "hidden";
-      slider.max = n - 1; slider.value = state.pos[view.fixed];
+      slider.max = n - 1;
       const w = s.dims[view.h], h = s.dims[view.v];
       const canvas = $("view-" + view.id);
       canvas.width = w; canvas.height = h;
@@ -64,18 +99,14 @@
       canvas.style.width = Math.round(w * sw * scale) + "px";
       canvas.style.height = Math.round(h * sh * scale) + "px";
     }
-    const pred = $("prediction");
-    pred.innerHTML = "";
-    for (const [k, v] of Object.entries(s.prediction || {})) {
-      const tr = document.createElement("tr");
-      tr.innerHTML = "<th></th><td></td>";
-      tr.children[0].textContent = k;
-      tr.children[1].textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
-      pred.appendChild(tr);
-    }
+    focusTarget();
+    const skipped = Object.entries(s.skipped || {});
+    $("skipped").textContent = skipped.length
+      ? "Not explained: " + skipped.map(([t, why]) => t + " (" + why + ")").join("; ") : "";
+    fillPrediction(s.prediction_table);
   }
 
-  function drawColourbar(vmax) {
+  function drawColourbar(ov) {
     const c = $("colourbar");
     const ctx = c.getContext("2d");
     const img = ctx.createImageData(256, 1);
@@ -84,17 +115,49 @@
     }
     c.width = 256; c.height = 1;
     ctx.putImageData(img, 0, 0);
-    $("cb-max").textContent = vmax === null ? "" : "≥ " + Number(vmax).toPrecision(3);
+    const box = $("colourbar-box"), label = $("cb-label");
+    // an empty or constant map has no scale: say so instead of a meaningless "0 ... >= 0" bar
+    const flat = ov && ov.state;
+    for (const el of box.children) if (el !== label) el.style.display = flat || !ov ? "none" : "";
+    label.className = flat ? "error" : "caption";
+    label.textContent = !ov ? "" : flat ? "map is " + ov.state + ": nothing to colour"
+      : "|attribution| / its 99th percentile (" + Number(ov.vmax).toPrecision(3) + ")";
+  }
+
+  function drawNotes(ov) {
+    const list = $("map-notes");
+    list.innerHTML = "";
+    for (const note of (ov && ov.notes) || []) {
+      const li = document.createElement("li"); li.textContent = note; list.appendChild(li);
+    }
+  }
+
+  // a voxel of the mask with a neighbour outside it, within the view's plane
+  function onEdge(mask, p, view, dims, strides) {
+    const idx = p[0] * strides[0] + p[1] * strides[1] + p[2];
+    if (!mask[idx]) return false;
+    for (const axis of [view.h, view.v]) {
+      for (const step of [-1, 1]) {
+        const q = p[axis] + step;
+        if (q < 0 || q >= dims[axis] || !mask[idx + step * strides[axis]]) return true;
+      }
+    }
+    return false;
   }
 
   async function render() {
     const s = study();
     const ov = (s.overlays[state.target] || {})[state.method];
+    const t = (s.targets || {})[state.target] || {};
     const base = await decode(s.images[state.channel]);
-    const over = ov ? await decode(ov.data) : null;
-    drawColourbar(ov ? ov.vmax : null);
+    const over = ov && !ov.state ? await decode(ov.data) : null;
+    const truth = t.truth && state.showTruth ? await decode(t.truth) : null;
+    const predicted = t.predicted && state.showPredicted ? await decode(t.predicted) : null;
+    drawColourbar(ov);
+    drawNotes(ov);
     $("map-info").textContent = ov ? ov.info : "";
     const [X, Y, Z] = s.dims;
+    const strides = [Y * Z, Z, 1];
     const lut = DATA.lut;
     for (const view of VIEWS) {
       if (!shown(s, view)) continue;
@@ -118,6 +181,10 @@
             gg = (1 - a) * g + a * lut[3 * m + 1];
             b = (1 - a) * g + a * lut[3 * m + 2];
           }
+          if (truth && onEdge(truth, p, view, s.dims, strides)) [r, gg, b] = TRUTH;
+          else if (predicted && (row + col) % 4 < 2 && onEdge(predicted, p, view, s.dims, strides)) {
+            [r, gg, b] = PREDICTED;  // dashed
+          }
           const o = 4 * (row * w + col);
           img.data[o] = r; img.data[o + 1] = gg; img.data[o + 2] = b; img.data[o + 3] = 255;
         }
@@ -133,11 +200,14 @@
     $("target").addEventListener("change", (e) => {
       state.target = e.target.value;
       state.method = fillSelect($("method"), Object.keys(study().overlays[state.target]), state.method);
+      focusTarget();
       render();
     });
     $("method").addEventListener("change", (e) => { state.method = e.target.value; render(); });
     $("channel").addEventListener("change", (e) => { state.channel = Number(e.target.value); render(); });
     $("opacity").addEventListener("input", (e) => { state.opacity = Number(e.target.value) / 100; render(); });
+    $("show-truth").addEventListener("change", (e) => { state.showTruth = e.target.checked; render(); });
+    $("show-predicted").addEventListener("change", (e) => { state.showPredicted = e.target.checked; render(); });
     for (const view of VIEWS) {
       $("slice-" + view.id).addEventListener("input", (e) => {
         state.pos[view.fixed] = Number(e.target.value); render();
