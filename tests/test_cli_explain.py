@@ -223,3 +223,101 @@ def test_an_unrelated_folder_is_never_replaced_but_an_old_report_is(tmp_path, ca
     (out / "stale.txt").write_text("from before")
     assert _run(capsys, *args, str(out))[0] == 0  # a new run replaces its own earlier output
     assert not (out / "stale.txt").exists() and (out / "summary.json").is_file()
+
+
+def _without_et(checkpoints: Path, out: Path) -> Path:
+    """The tiny U-Net with its ET channel's bias pushed far down: it predicts no ET voxel."""
+    from voxplain.models.checkpoint import load_checkpoint
+
+    model, config = load_checkpoint(checkpoints / "unet")
+    head = [m for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))
+            and m.out_channels == 3][-1]
+    with torch.no_grad():
+        head.bias[2] = -1e4
+    save_checkpoint(model, {k: config[k] for k in ("task", "region_names", "output", "model", "model_config")}, out)
+    return out
+
+
+def test_segmentation_defaults_to_the_predicted_region_and_writes_the_prediction(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    out = tmp_path / "seg"
+    code, _, err = _run(capsys, "explain", "--model", str(checkpoints / "unet"), "--input", str(case),
+                        "--target", "WT", "--methods", "vanilla_gradient", "--out", str(out), "--quiet")
+    assert code == 0, err
+    study = json.loads((out / "summary.json").read_text())["studies"][0]
+    pooling = study["targets"]["WT"]["pooling"]
+    assert pooling.startswith("WT logit, mean over ") and pooling.endswith(" predicted voxels")
+    assert study["settings"]["region"] == "predicted" and study["settings"]["targets"]["WT"]["region"] == "predicted"
+    # the prediction beside the ground truth (the case has a seg): per region voxels, volumes and Dice
+    regions = {r["region"]: r for r in study["prediction"]["regions"]}
+    assert set(regions) == {"TC", "WT", "ET"} and regions["WT"]["truth_voxels"] == int((nib.load(
+        case / "CASE_001_seg.nii.gz").get_fdata() > 0).sum()) and "dice" in regions["WT"]
+    # the predicted label map, on the scan's grid, with BraTS labels
+    pred = nib.load(out / study["prediction_map"])
+    source = nib.load(case / "CASE_001_t1.nii.gz")
+    assert pred.shape == SHAPE and np.allclose(pred.affine, source.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+    page = (out / "report.html").read_text()
+    assert "mean over" in page and "ground-truth voxels" in page
+
+
+def test_region_all_and_label(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    pooled = {}
+    for region in ("all", "label"):
+        out = tmp_path / region
+        code, _, err = _run(capsys, "explain", "--model", str(checkpoints / "unet"), "--input", str(case),
+                            "--target", "WT", "--methods", "vanilla_gradient", "--region", region, "--out", str(out),
+                            "--quiet")
+        assert code == 0, err
+        pooled[region] = json.loads((out / "summary.json").read_text())["studies"][0]["targets"]["WT"]["pooling"]
+    assert pooled["all"].startswith("WT logit, mean over all ")
+    seg = nib.load(case / "CASE_001_seg.nii.gz").get_fdata()
+    assert pooled["label"] == f"WT logit, mean over {int((seg > 0).sum())} ground-truth voxels"
+    (case / "CASE_001_seg.nii.gz").unlink()
+    out = tmp_path / "nolabel"
+    code, _, err = _run(capsys, "explain", "--model", str(checkpoints / "unet"), "--input", str(case),
+                        "--target", "WT", "--methods", "vanilla_gradient", "--region", "label", "--out", str(out),
+                        "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "ground-truth segmentation" in err
+    assert not out.exists()
+
+
+def test_a_region_the_model_does_not_predict_is_skipped_and_reported(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    model = _without_et(checkpoints, tmp_path / "no_et")
+    out = tmp_path / "seg"
+    code, _, err = _run(capsys, "explain", "--model", str(model), "--input", str(case),
+                        "--methods", "vanilla_gradient,gradcam", "--out", str(out), "--quiet")
+    assert code == 0, err
+    study = json.loads((out / "summary.json").read_text())["studies"][0]
+    assert study["skipped_targets"] == {"ET": "model predicts no ET voxels"}
+    assert "ET" not in study["maps"] and not list((out / "maps").glob("ET_*"))
+    assert "no ET predicted, ground truth has" not in " ".join(study["prediction"].get("disagreements", []))  # no ET
+    assert "model predicts no ET voxels" in (out / "report.html").read_text()
+
+
+def test_a_4d_nifti_is_refused_unless_its_volumes_are_channels(tmp_path, capsys, checkpoints):
+    data = np.random.default_rng(0).normal(size=(*SHAPE, 4)).astype(np.float32)
+    path = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(data, LPS_AFFINE), path)
+    args = ["explain", "--model", str(checkpoints / "grade"), "--input", str(path), "--methods", "vanilla_gradient",
+            "--quiet", "--out"]
+    code, _, err = _run(capsys, *args, str(tmp_path / "refused"))
+    assert code == 2 and "would be read as input channels" in err and "--channels-from-4d" in err
+    code, _, err = _run(capsys, *args, str(tmp_path / "ok"), "--channels-from-4d")
+    assert code == 0, err
+
+
+def test_inspect_labels_layers_by_their_place_in_the_network(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    out = tmp_path / "inspect"
+    code, _, err = _run(capsys, "inspect", "--model", str(checkpoints / "unet"), "--input", str(case),
+                        "--target", "WT", "--out", str(out), "--quiet")
+    assert code == 0, err
+    study = json.loads((out / "summary.json").read_text())["studies"][0]
+    labels = [layer["label"] for layer in study["settings"]["layers"]]
+    assert labels[0].startswith("enc") and any(lab.startswith("bottleneck") for lab in labels)
+    assert any(lab.startswith("dec") for lab in labels) and labels[-1] == "head"
+    assert all("module" in layer and "output_shape" in layer for layer in study["settings"]["layers"])
+    assert study["settings"]["pooling"].startswith("WT logit, mean over")

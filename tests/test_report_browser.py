@@ -259,3 +259,52 @@ def test_click_on_a_view_moves_the_other_views(tmp_path):
         assert not browser.errors(), browser.errors()
     finally:
         browser.close()
+
+
+@pytest.mark.slow
+def test_viewer_opens_on_the_target_region_and_flags_an_empty_map(tmp_path):
+    from voxplain.report.regions import region_centre
+    from voxplain.report.study import TargetInfo
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium found (install Debian's chromium: apt-get install -y chromium chromium-driver)")
+    rng = np.random.default_rng(0)
+    shape = (18, 22, 14)
+    truth = np.zeros(shape, bool)
+    truth[3:7, 12:17, 2:5] = True
+    predicted = np.roll(truth, 1, axis=0)
+    maps = {"WT": {"vanilla_gradient": rng.normal(size=(4, *shape)), "guided_backprop": np.zeros((4, *shape))}}
+    study = Study("seg", rng.normal(size=(4, *shape)), ["t1", "t1ce", "t2", "flair"], maps,
+                  prediction={"regions": [{"region": "WT", "predicted_voxels": 60, "predicted_ml": 0.06,
+                                           "truth_voxels": 60, "truth_ml": 0.06, "dice": 0.75}],
+                              "disagreements": ["no ET predicted, ground truth has 3 ET voxels"]},
+                  targets={"WT": TargetInfo("WT logit, mean over 60 predicted voxels", predicted, truth)},
+                  skipped={"ET": "model predicts no ET voxels"})
+    write_report(tmp_path, [study])
+    browser = Browser(exe)
+    try:
+        browser.call("Page.navigate", url=(tmp_path / "report.html").resolve().as_uri())
+        browser.wait_for("window.voxplainReady === true")
+        pos = [int(browser.evaluate(f"Number(document.getElementById('slice-{v}').value)"))
+               for v in ("sagittal", "coronal", "axial")]
+        assert pos == region_centre(truth)  # the viewer opens on the tumour, not the volume's middle
+        text = lambda i: browser.evaluate(f"document.getElementById('{i}').textContent")  # noqa: E731
+        assert "WT logit, mean over 60 predicted voxels" in text("target-info")
+        assert "ET (model predicts no ET voxels)" in text("skipped")
+        assert "no ET predicted" in text("prediction") and browser.evaluate(
+            "document.querySelectorAll('#prediction th').length") == 6
+        assert "99th percentile" in text("cb-label")
+        # the outlines are drawn: the axial view changes when they are switched off
+        with_outline = _canvas(browser)
+        _after(browser, lambda: browser.evaluate(
+            "(() => { for (const id of ['show-truth', 'show-predicted']) { const e = document.getElementById(id);"
+            " e.checked = false; e.dispatchEvent(new Event('change')); } })()"))
+        assert _canvas(browser) != with_outline
+        _after(browser, lambda: _set(browser, "method", "guided_backprop", "change"))
+        assert "map is all zero" in text("cb-label") and "≥" not in text("colourbar-box")
+        assert browser.evaluate("getComputedStyle(document.getElementById('colourbar')).display") == "none"
+        assert "map is all zero" in text("map-notes")
+        assert not browser.errors(), browser.errors()
+    finally:
+        browser.close()

@@ -147,6 +147,10 @@ def test_short_layer_labels_follow_the_u_shape():
     labels = short_layer_labels(shapes, output_shape=(2, 16, 16))
     assert list(labels.values()) == ["enc 1.1", "enc 1.2", "enc 2", "bottleneck.1", "bottleneck.2", "dec 2",
                                      "dec 1", "head"]
+    # MONAI's UNet: the last down block and the (wider) bottom block share the smallest size
+    monai = short_layer_labels([("a", (4, 8, 8)), ("b", (8, 4, 4)), ("c", (16, 4, 4)), ("d", (4, 8, 8)),
+                                ("e", (2, 16, 16))], output_shape=(2, 16, 16))
+    assert list(monai.values()) == ["enc 2", "enc 3", "bottleneck", "dec 2", "head"]
     classifier = short_layer_labels([("a", (4, 16, 16)), ("b", (8, 8, 8)), ("c", (8, 8, 8))])
     assert list(classifier.values()) == ["stage 1", "stage 2.1", "stage 2.2"]
 
@@ -221,3 +225,26 @@ def test_summary_lists_pooling_skipped_targets_flags_and_prediction_map(tmp_path
     written = nib.load(tmp_path / "prediction.nii.gz")
     assert written.get_data_dtype() == np.int16
     np.testing.assert_array_equal(np.asarray(written.dataobj), study.labels)
+
+
+def test_method_extras_become_warnings_and_completeness_checks():
+    """The interface of method extras: ``extras[method]["warnings"]`` and ``["completeness"]`` per sample."""
+    from types import SimpleNamespace
+
+    from voxplain.report.case_study import target_info
+    from voxplain.report.target_choice import TargetChoice
+
+    explanation = SimpleNamespace(
+        maps={"integrated_gradients": None, "guided_backprop": None, "gradcam": None},
+        extras={"integrated_gradients": {"completeness": {"error": [0.31], "attribution_sum": [3.9e5],
+                                                          "score_difference": [0.011]},
+                                         "warnings": ["InstanceNorm layers: the gradient at the baseline explodes"]},
+                "guided_backprop": {"warnings": ["GELU left unguided"]},
+                "xrai": {"ranks": "not a warning"}})
+    info = target_info(TargetChoice("WT", None, "WT logit, mean over 5 predicted voxels"), explanation)
+    assert info.completeness == {"integrated_gradients": {"error": 0.31, "attribution_sum": 3.9e5,
+                                                          "score_difference": 0.011}}
+    assert info.warnings == {"integrated_gradients": ["InstanceNorm layers: the gradient at the baseline explodes"],
+                             "guided_backprop": ["GELU left unguided"]}
+    # an explanation from before methods reported extras: nothing to add, nothing breaks
+    assert target_info(TargetChoice("WT", None, ""), SimpleNamespace(maps={"gradcam": None}, extras={})).warnings == {}

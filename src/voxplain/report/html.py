@@ -81,6 +81,10 @@ def _study_payload(study: Study, max_voxels: int) -> dict[str, Any]:
             vol, _ = downsample(shown, max_voxels)
             info_text = (f"{method.replace('_', ' ')}: |map| summed over {m.shape[0]} channel(s), scaled so its "
                          f"99th percentile ({vmax:.3g}) = 1")
+            check = info.completeness.get(method)
+            if check is not None:
+                info_text += (f"; completeness error {check['error']:.2%} (|sum of the map - (F(x) - F(baseline))| "
+                              "/ |F(x) - F(baseline)|)")
             overlays[target][method] = {"data": _pack(vol), "vmax": vmax, "info": info_text,
                                         "state": map_state(m), "notes": map_notes(study, target, method)}
         region = info.focus()

@@ -8,9 +8,12 @@ for any network:
 
 * resolution levels are the distinct output sizes, largest first (level 1 = the
   input's resolution);
-* layers up to the first one at the smallest size are the encoder (``enc L``),
-  the run of layers at the smallest size the ``bottleneck``, and the layers after
-  it the decoder (``dec L``, numbered like the encoder level of the same size);
+* layers before the first one at the smallest size are the encoder (``enc L``);
+  in the run of layers at the smallest size, those from the first with the most
+  channels on are the ``bottleneck`` (the layers before it are the encoder's last
+  stage, as in MONAI's UNet, whose last down block and bottom block share a size);
+  the layers after the run are the decoder (``dec L``, numbered like the encoder
+  level of the same size);
 * the last layer is the ``head`` when its output has the model output's shape;
 * a network whose size only shrinks (a classifier) has stages (``stage L``).
 
@@ -47,13 +50,15 @@ def short_layer_labels(shapes: Sequence[tuple[str, Sequence[int]]],
     while last + 1 < len(sizes) and sizes[last + 1] == smallest:
         last += 1
     has_decoder = last + 1 < len(sizes)
+    widest = max(shapes[i][1][0] for i in range(first, last + 1))
+    bottom = next(i for i in range(first, last + 1) if shapes[i][1][0] == widest)
     head = (has_decoder and output_shape is not None
             and tuple(shapes[-1][1]) == tuple(output_shape))
     parts = []
     for i, size in enumerate(sizes):
         if not has_decoder:
             parts.append(f"stage {levels[size]}")
-        elif i < first:
+        elif i < bottom:
             parts.append(f"enc {levels[size]}")
         elif i <= last:
             parts.append("bottleneck")
