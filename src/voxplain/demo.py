@@ -90,7 +90,10 @@ def _slice_case(case, config: dict):
     size = tuple(config.get("input_size") or plane.shape[1:])
     centre = foreground_centre(case.image)[:2]
     image = crop_or_pad(plane, size, centre=centre)
-    return Case(f"{case.name} axial slice z={z}", np.ascontiguousarray(image), list(case.channels)), z
+    seg = None if case.seg is None else crop_or_pad(case.seg[..., z], size, centre=centre)
+    # the slice with the most tumour: its label is "tumour" (the slice model's positive class)
+    return Case(f"{case.name} axial slice z={z}", np.ascontiguousarray(image), list(case.channels),
+                seg=seg, facts={"label": "tumour"}), z
 
 
 def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", seed: int = 0, device=None,

@@ -165,7 +165,7 @@ def _footer(fig, lines: Sequence[str], handles: Sequence[Line2D]) -> None:
 def _legend(truth_drawn: bool, predicted_drawn: bool) -> list[Line2D]:
     handles = []
     if truth_drawn:
-        handles.append(Line2D([], [], color=TRUTH_COLOUR, lw=1.2, label="ground truth of the target"))
+        handles.append(Line2D([], [], color=TRUTH_COLOUR, lw=1.2, label="ground truth"))
     if predicted_drawn:
         handles.append(Line2D([], [], color=PREDICTION_COLOUR, lw=1.2, ls="--", label="model's prediction"))
     return handles

@@ -38,7 +38,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "set
 def _study_html(study: Study) -> str:
     s = study.settings or {}
     parts = [f"<h3>{html.escape(study.name)}</h3>"]
+    layers = s.get("layers") or (s.get("inspection") or {}).get("layers")
     general = [(k, v) for k, v in s.items() if k not in ("targets", "layers")]
+    if isinstance(s.get("inspection"), dict):  # its layer table is shown below, not as one long cell
+        general = [(k, {a: b for a, b in v.items() if a != "layers"} if k == "inspection" else v)
+                   for k, v in general]
     if general:
         parts.append(_table(["setting", "value"], [[html.escape(str(k)), _text(v)] for k, v in general]))
     targets = s.get("targets") or {}
@@ -58,6 +62,10 @@ def _study_html(study: Study) -> str:
             parts.append(_table(["method", "options", "seconds per target"],
                                 [[html.escape(m.replace("_", " ")), _text(d["options"]), _text(d["seconds"])]
                                  for m, d in methods.items()]))
+    if layers and all(isinstance(row, dict) for row in layers):
+        parts.append(_table(["layer", "module", "output (C, *spatial)"],
+                            [[html.escape(str(row.get("label", ""))), f"<code>{html.escape(str(row.get('module', '')))}"
+                              "</code>", _text(row.get("output_shape"))] for row in layers]))
     return "".join(parts)
 
 

@@ -38,7 +38,8 @@ class TargetChoice:
         region: ``"predicted"``, ``"all"`` or ``"label"`` for segmentation, None for classification.
         predicted: the voxels the model predicts as this class (*spatial) bool on the model's grid
             (segmentation only).
-        truth: the ground truth of this class/region on the model's grid, when the case has one.
+        truth: the ground truth of this class/region on the model's grid, when the case has one
+            (for a classifier: the case's tumour, all labels > 0).
         skipped: why the target is not explained (None when it is).
     """
 
@@ -125,14 +126,17 @@ def choose_targets(task: str, spec: str | None, output: torch.Tensor, config: di
     names = channel_names(config, task)
     spec = (spec or ("predicted" if task == "classify" else "all")).strip()
     if task == "classify":
+        # a classifier's decision has no region of its own; the tumour, when the case shows one, is the reference
+        tumour = seg > 0 if seg is not None and np.any(seg > 0) else None
         if spec == "predicted":
             c = int(output[0].argmax())
             name = names[c] if names and c < len(names) else f"class {c}"
-            return [TargetChoice(f"predicted {name}", ClassTarget(c), f"{name} logit (the predicted class)")]
+            return [TargetChoice(f"predicted {name}", ClassTarget(c), f"{name} logit (the predicted class)",
+                                 truth=tumour)]
         out = []
         for i in _indices(spec, k, names, task):
             label = names[i] if names and i < len(names) else f"class {i}"
-            out.append(TargetChoice(label, ClassTarget(i), f"{label} logit"))
+            out.append(TargetChoice(label, ClassTarget(i), f"{label} logit", truth=tumour))
         return out
     if spec == "predicted":
         raise ValueError("--target predicted is for classification; name segmentation channels or use 'all'")
