@@ -101,7 +101,7 @@ def run_mass(args) -> dict:
 def run_evaluate(args) -> dict:
     results = {}
     options = [a for o in (FAST_OPTIONS if args.fast else ()) for a in ("--option", o)]
-    for pool in ("all", "predicted"):
+    for pool in args.pools:
         out = args.out / f"evaluate_{pool}"
         seconds = _run(_voxplain() + ["evaluate", "--model", str(args.model), "--data", str(args.cohort),
                                       "--region", "WT", "--pool", pool, "--cases", str(args.cases),
@@ -113,6 +113,8 @@ def run_evaluate(args) -> dict:
     print(f"\nvoxplain evaluate, {args.cases} held-out subjects, WT"
           + (f", options {' '.join(FAST_OPTIONS)}" if args.fast else ", default options"))
     for pool, label in (("all", "before: --pool all (whole volume)"), ("predicted", "after: --pool predicted")):
+        if pool not in results:
+            continue
         r = results[pool]
         print(f"\n{label}; {r['seconds']:.0f} s; skipped: {r['skipped'] or 'none'}")
         print("| method | " + " | ".join(TABLE_METRICS) + " |")
@@ -135,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--subject", default="PHANTOM_002", help="subject of the relevance-mass measurement")
     p.add_argument("--cases", type=int, default=20, help="subjects evaluated")
     p.add_argument("--fast", action="store_true", help="fewer path steps in evaluate (see the docstring)")
+    p.add_argument("--pools", nargs="+", choices=["all", "predicted"], default=["all", "predicted"],
+                   help="evaluate only these poolings (e.g. to run before and after in two processes)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
     if args.part in ("evaluate", "both"):
         results["evaluate"] = run_evaluate(args)
     results["load_average_end"] = os.getloadavg()
-    (args.out / f"results_{args.part}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"results_{args.part}_{'_'.join(args.pools)}.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nload average at start {load}, at end {results['load_average_end']}; wrote {args.out}")
     return 0
 

@@ -37,6 +37,13 @@ def test_demo_summary_lists_every_method_that_ran(demo):
     assert list(slice_target["methods"]) == list(CXAI_METHODS)
     assert len(seg["settings"]["inspection"]["layers"]) >= 4  # Grad-CAM at every conv layer of the U-Net
     assert "predicted_label" in grade["prediction"] and "voxels_per_channel" in seg["prediction"]
+    # regions pooled over the U-Net's prediction, compared with the phantom's ground truth
+    assert all(t["pooling"].endswith("predicted voxels") for t in seg["targets"].values())
+    assert {r["region"] for r in seg["prediction"]["regions"]} == {"TC", "WT", "ET"}
+    assert all("dice" in r for r in seg["prediction"]["regions"])
+    assert grade["prediction"]["case_label"] in ("HGG", "LGG") and slices["prediction"]["case_label"] == "tumour"
+    prediction = nib.load(demo / seg["prediction_map"])
+    assert set(np.unique(np.asarray(prediction.dataobj))) <= {0, 1, 2, 4}
     for rel in summary["figures"]:
         assert (demo / rel).is_file()
     assert any("inspection" in rel for rel in summary["figures"])

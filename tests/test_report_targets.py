@@ -178,7 +178,7 @@ def _volume_study(zero_method: bool = True) -> Study:
         maps["guided_backprop"] = np.zeros((2, *shape))
     info = TargetInfo("WT logit, mean over 60 predicted voxels", predicted=truth, truth=truth)
     return Study("vol", image, ["t1", "flair"], {"WT": maps}, targets={"WT": info},
-                 skipped={"ET": "model predicts no ET voxels"}, labels=truth.astype(np.int16) * 2)
+                 skipped={"ET": "model predicts no ET voxels"}, predicted_labels=truth.astype(np.int16) * 2)
 
 
 def test_figures_mark_empty_maps_and_skipped_targets(tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_summary_lists_pooling_skipped_targets_flags_and_prediction_map(tmp_path
 
     written = nib.load(tmp_path / "prediction.nii.gz")
     assert written.get_data_dtype() == np.int16
-    np.testing.assert_array_equal(np.asarray(written.dataobj), study.labels)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), study.predicted_labels)
 
 
 def test_method_extras_become_warnings_and_completeness_checks():

@@ -111,4 +111,4 @@ def case_study(name: str, image: np.ndarray, channels: Sequence[str], task: str,
     return Study(name, image, list(channels), maps, prediction=prediction,
                  settings={**(settings or {}), "targets": per_target}, spacing=spacing,
                  targets={c.label: infos[c.label] for c in choices if c.label in maps},
-                 skipped={c.label: c.skipped for c in choices if c.skipped}, labels=labels)
+                 skipped={c.label: c.skipped for c in choices if c.skipped}, predicted_labels=labels)

@@ -56,8 +56,8 @@ class Study:
             x to the right and y up instead of as rows and columns.
         targets: target label -> :class:`TargetInfo` (pooling, regions, warnings), where known.
         skipped: target label -> why it was not explained (e.g. "model predicts no ET voxels").
-        labels: the model's predicted label map (*spatial) for segmentation models, written as
-            ``prediction.nii.gz``.
+        predicted_labels: the model's predicted label map (*spatial) for segmentation models,
+            written as ``prediction.nii.gz``.
         layer_labels: layer name -> its title in the layer-by-layer figure (e.g. ``"enc 1 · 24×32×24"``).
     """
 
@@ -72,7 +72,7 @@ class Study:
     ras_plane: bool = False
     targets: dict[str, TargetInfo] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    labels: Any = None
+    predicted_labels: Any = None
     layer_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

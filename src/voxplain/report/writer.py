@@ -83,9 +83,9 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
                     rel = Path("maps", sub, map_filename(target, method))
                     save_map_nifti(scan.map_on_scan(m), scan.meta, folder / rel)
                     entry["maps"].setdefault(target, {})[method] = rel.as_posix()
-            if study.labels is not None and study.is_volume:
+            if study.predicted_labels is not None and study.is_volume:
                 rel = Path(f"prediction_{sub}.nii.gz" if sub else "prediction.nii.gz")
-                save_nifti_like(scan.labels_on_scan(np.asarray(study.labels)), scan.meta, folder / rel,
+                save_nifti_like(scan.labels_on_scan(np.asarray(study.predicted_labels)), scan.meta, folder / rel,
                                 dtype=np.int16)
                 entry["prediction_map"] = rel.as_posix()
         skipped = [f"{t} not explained: {why}" for t, why in study.skipped.items()]
