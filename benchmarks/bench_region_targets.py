@@ -105,12 +105,15 @@ def run_evaluate(args) -> dict:
         out = args.out / f"evaluate_{pool}"
         seconds = _run(_voxplain() + ["evaluate", "--model", str(args.model), "--data", str(args.cohort),
                                       "--region", "WT", "--pool", pool, "--cases", str(args.cases),
-                                      "--out", str(out), "--quiet"] + options)
+                                      "--randomisation-cases", str(args.randomisation_cases),
+                                      "--out", str(out), "--quiet"] + options
+                       + (["--metrics", args.metrics] if args.metrics else []))
         metrics = json.loads((out / "metrics.json").read_text())
         per_case = json.loads((out / "metrics_per_case.json").read_text())
         results[pool] = {"seconds": round(seconds, 1), "metrics": metrics,
                          "skipped": per_case["settings"].get("skipped_cases", {}), "cases": per_case["cases"]}
-    print(f"\nvoxplain evaluate, {args.cases} held-out subjects, WT"
+    print(f"\nvoxplain evaluate, {args.cases} held-out subjects, WT, metrics {args.metrics or 'all'}, "
+          f"randomisation on {args.randomisation_cases} case(s)"
           + (f", options {' '.join(FAST_OPTIONS)}" if args.fast else ", default options"))
     for pool, label in (("all", "before: --pool all (whole volume)"), ("predicted", "after: --pool predicted")):
         if pool not in results:
@@ -137,6 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--subject", default="PHANTOM_002", help="subject of the relevance-mass measurement")
     p.add_argument("--cases", type=int, default=20, help="subjects evaluated")
     p.add_argument("--fast", action="store_true", help="fewer path steps in evaluate (see the docstring)")
+    p.add_argument("--randomisation-cases", type=int, default=1,
+                   help="cases that get evaluate's cascading randomisation (default 1, as evaluate; each costs "
+                        "one full explanation per layer with parameters, ~40 on the demo U-Net)")
+    p.add_argument("--metrics", help="metric families passed to evaluate (default: all; PIC is the costliest)")
     p.add_argument("--pools", nargs="+", choices=["all", "predicted"], default=["all", "predicted"],
                    help="evaluate only these poolings (e.g. to run before and after in two processes)")
     p.add_argument("--out", type=Path, required=True)

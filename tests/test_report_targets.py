@@ -85,6 +85,8 @@ def test_empty_predicted_region_is_skipped_with_the_reason():
 def test_softmax_label_model_channels_stand_for_brats_labels():
     assert channel_label_values({}, 4) == [(0,), (1,), (2,), (4,)]
     assert channel_label_values({"label_values": [0, 3, 7]}, 3) == [(0,), (3,), (7,)]
+    assert channel_label_values({"output": "sigmoid"}, 1) == [(1, 2, 3, 4)]  # one foreground channel: any tumour
+    assert channel_label_values({"output": "sigmoid"}, 2, ["a", "b"]) == [(1,), (2,)]
     out = torch.zeros(1, 4, 3, 3, 3)
     out[0, 3, 0] = 5.0  # label 4 on x = 0
     out[0, 2, 1] = 5.0  # label 2 on x = 1

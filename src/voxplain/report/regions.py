@@ -13,7 +13,8 @@ Two output layouts are understood (as in :class:`voxplain.BratsRegionTarget`):
   else ``k``.
 
 Ground-truth segmentations are BraTS label maps (0, 1, 2, 4), so the ground
-truth of a channel is the set of label values it stands for.
+truth of a channel is the set of label values it stands for (a single
+foreground channel stands for every tumour label).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def channel_label_values(config: dict | None, k: int, names: Sequence[str] | Non
         return [(int(v),) for v in values]
     if names and len(names) == k and all(str(n).lstrip("-").isdigit() for n in names):
         return [(int(n),) for n in names]
-    if k == 4 and not independent_channels(config):
+    if independent_channels(config) or k == 1:
+        # one foreground channel: any tumour label; several: label i + 1, as predicted_label_map writes them
+        return [(1, 2, 3, 4)] if k == 1 else [(i + 1,) for i in range(k)]
+    if k == 4:
         return [(0,), (1,), (2,), (4,)]
     return [(i,) for i in range(k)]
 
