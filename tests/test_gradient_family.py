@@ -120,11 +120,15 @@ def test_inplace_relu_gives_the_same_maps_as_its_twin():
 
 def test_one_plain_and_one_guided_pass_serve_the_family(monkeypatch):
     calls = []
-    original = Engine.gradients
+    original, original_recorded = Engine.gradients, Engine.backward_recorded
 
     def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("guided", False))
+        calls.append(bool(kwargs.get("guided", False)))
         return original(self, *args, **kwargs)
+
+    def counting_recorded(self, *args, **kwargs):  # a pass served by the recorded first forward
+        calls.append(bool(kwargs.get("guided", False)))
+        return original_recorded(self, *args, **kwargs)
 
     traces = []
     original_trace = Engine.trace
@@ -134,10 +138,11 @@ def test_one_plain_and_one_guided_pass_serve_the_family(monkeypatch):
         return original_trace(self, x)
 
     monkeypatch.setattr(Engine, "gradients", counting)
+    monkeypatch.setattr(Engine, "backward_recorded", counting_recorded)
     monkeypatch.setattr(Engine, "trace", counting_trace)
     explain(classifier(dims=2), torch.randn(2, 2, 16, 16), 0, methods=FAMILY)
     assert sorted(calls) == [False, True]
-    assert len(traces) == 1  # Grad-CAM and guided Grad-CAM choose their layer from one trace
+    assert len(traces) == 0  # Grad-CAM and guided Grad-CAM choose their layer from the first forward's trace
 
 
 def test_gradcam_alone_and_under_smoothgrad():

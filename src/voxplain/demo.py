@@ -98,11 +98,11 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
     """Run the four showcases and write the report folder ``out`` (replaced only when complete)."""
     from .data.brats import load_brats_case
     from .data.phantom import generate_cohort
-    from .methods.gradcam import gradcam_per_layer
+    from .methods.gradcam import layer_cams
     from .report.inputs import Case
     import torch
 
-    from .report.pipeline import _forward, check_output_folder, explain_case, load_model_spec, parse_targets
+    from .report.pipeline import check_output_folder, explain_case, load_model_spec, open_case
     from .report.writer import write_report
 
     if preset not in PRESETS:
@@ -141,11 +141,10 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
         _say(progress, "demo: 3/4 network inspection, Grad-CAM at every conv layer of the U-Net ...")
         t = time.perf_counter()
         x = torch.from_numpy(seg.image)[None]
-        targets = dict(parse_targets("segment", "all", _forward(models["segment"].model, x, device),
-                                     models["segment"].config))
-        label = "WT" if "WT" in targets else next(iter(targets))
-        cams = gradcam_per_layer(models["segment"].model, x, targets[label], device=device)
-        seg.layers = {name: cam[0].numpy() for name, cam in cams.items()}
+        with open_case(models["segment"], x, "segment", "all", device) as (run, targets):
+            label = "WT" if "WT" in dict(targets) else targets[0][0]
+            cams = layer_cams(run.retarget(dict(targets)[label]))
+            seg.layers = {name: cam[0].to("cpu", torch.float32).numpy() for name, cam in cams.items()}
         seg.settings["inspection"] = {"target": label, "layers": list(cams)}
         timings["inspection"] = time.perf_counter() - t
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, has_guided_activations
+from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, guided_types, has_guided_activations
 from .targets import BoundTarget
 
-__all__ = ["Engine", "Gradients", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
+__all__ = ["Engine", "Gradients", "RecordedPass", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # Activations kept for the backward pass plus their gradients, and autograd's
@@ -123,24 +123,33 @@ class LayerInfo:
 
 
 @dataclass
-class _PendingPass:
-    """A forward pass kept with its autograd graph for the next :meth:`Engine.gradients` call.
+class RecordedPass:
+    """A forward pass over rows, kept with its autograd graph for one backward pass.
 
-    ``outputs`` maps each module to its output and that tensor's version counter
-    (``None`` if the module ran more than once or returned no tensor), so that any
-    layer can be captured after the fact unless an in-place operation changed it.
+    :meth:`Engine.record` makes it and :meth:`Engine.backward_recorded` uses it, once:
+    it serves a plain or a guided backward (its activations carry switchable
+    guided-backprop hooks) and gives up the output of any layer that ran once,
+    unless an in-place operation changed that output after the layer returned it.
+    Whoever holds it decides which request it serves; the engine keeps no reference.
     """
 
-    x: Tensor  # the rows as given: the next call must pass this very tensor
     leaf: Tensor  # the rows on the device, requiring grad
     output: Tensor
-    outputs: dict[nn.Module, tuple[Tensor, int] | None]
     trace: list[LayerInfo]
-    guided: SwitchableGuidedReLU
+    # module -> (its output, that output's grad_fn when the module returned it); None if
+    # the module ran more than once or returned no tensor
+    outputs: dict[nn.Module, tuple[Tensor, object] | None]
+    guide: SwitchableGuidedReLU
 
     def activation(self, layer: nn.Module) -> Tensor | None:
+        """``layer``'s output in this pass, or None if it cannot serve a gradient request.
+
+        An in-place operation on a tensor in the graph gives it a new ``grad_fn``, so an
+        output whose ``grad_fn`` is no longer the one it was returned with was changed
+        later in the forward pass (e.g. by ``ReLU(inplace=True)``); a fresh pass is needed.
+        """
         entry = self.outputs.get(layer)
-        if entry is None or entry[0]._version != entry[1]:
+        if entry is None or not entry[0].requires_grad or entry[0].grad_fn is not entry[1]:
             return None
         return entry[0]
 
@@ -157,7 +166,10 @@ class Engine:
         progress: show progress bars for long loops.
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
-    prepares the model, leaving restores it.
+    prepares the model, leaving restores it. The engine keeps no passes between
+    calls: every call runs the model afresh, except :meth:`backward_recorded`,
+    which uses a pass its caller kept (see :class:`RecordedPass`). Every model call
+    goes through :meth:`_call_model`.
     """
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
@@ -177,7 +189,6 @@ class Engine:
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
         self._depth = 0
-        self._pending: _PendingPass | None = None
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -197,21 +208,20 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            self._pending = None
         if self._depth == 0 and self._state is not None:
             self._state.restore()
             self._state = None
 
     @contextlib.contextmanager
-    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool = False) -> Iterator[LayerCapture]:
-        if self.scripted and (layers or guided):
-            self._refuse_scripted("guided backpropagation" if guided else "capturing a layer")
+    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False) -> Iterator[LayerCapture]:
+        types = guided_types(guided)
+        if self.scripted and (layers or types):
+            self._refuse_scripted("guided backpropagation" if types else "capturing a layer")
         hooks = HookSet()
         capture = LayerCapture(layers)
         try:
-            if guided:
-                GuidedReLU(self.model).install(hooks)
+            if types:
+                GuidedReLU(self.model, types).install(hooks)
             capture.install(hooks)
             yield capture
         finally:
@@ -220,6 +230,10 @@ class Engine:
     def _require_prepared(self) -> None:
         if self._depth == 0:
             raise RuntimeError("use the Engine inside a `with engine:` block")
+
+    def _call_model(self, x: Tensor) -> Tensor:
+        """The model on rows ``x`` (already on the device): the one place the model is called."""
+        return self.model(x)
 
     # -- chunking ----------------------------------------------------------
     def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
@@ -243,6 +257,10 @@ class Engine:
         for start in range(0, n_rows, step):
             yield slice(start, min(n_rows, start + step))
 
+    def fits_one_pass(self, x: Tensor) -> bool:
+        """True if the rows ``x`` fit one forward/backward pass."""
+        return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])
+
     def _estimate_row_bytes(self, row_shape: tuple[int, ...]) -> int:
         if row_shape not in self._row_bytes and self.scripted:
             # no hooks to measure intermediate outputs: assume a conv net's activations
@@ -262,7 +280,7 @@ class Engine:
                     if not any(True for _ in m.children()):
                         hooks.add(m.register_forward_hook(count))
                 with torch.no_grad():
-                    self.model(torch.zeros((1, *row_shape), device=self.device))
+                    self._call_model(torch.zeros((1, *row_shape), device=self.device))
             finally:
                 hooks.remove()
             self._set_row_bytes(row_shape, total)
@@ -274,39 +292,34 @@ class Engine:
         self._row_bytes[row_shape] = int(_BACKWARD_OVERHEAD * leaf_output_bytes + 4 * input_bytes) + 1
 
     # -- evaluation --------------------------------------------------------
-    def forward(self, x: Tensor, keep_graph: bool = False) -> Tensor:
-        """The model's output on ``x`` (detached), chunked.
-
-        With ``keep_graph=True``, when ``x`` fits one pass, the pass is recorded with
-        its autograd graph and the next :meth:`gradients` call on this same tensor
-        ``x`` reuses it (plain or guided, with any layers captured) instead of running
-        the model again; any other evaluation call drops it. This is how an
-        explanation fixes its target and gets its first gradients from one forward.
-        """
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's output on ``x`` (no gradient), chunked."""
         self._require_prepared()
-        self._pending = None
-        if keep_graph and not self.scripted and (x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])):
-            self._pending = self._recorded_forward(x)
-            return self._pending.output.detach()
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
-                outs.append(self.model(x[sl].to(self.device)))
+                outs.append(self._call_model(x[sl].to(self.device)))
         return torch.cat(outs)
 
     def scores(self, x: Tensor, target: BoundTarget, sample_index: Tensor) -> Tensor:
         """Target scores (N,) of rows ``x`` (no gradient), chunked."""
         self._require_prepared()
-        self._pending = None
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
-                out = self.model(x[sl].to(self.device))
+                out = self._call_model(x[sl].to(self.device))
                 outs.append(target.score(out, sample_index[sl].to(self.device)))
         return torch.cat(outs)
 
+    def activations(self, x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
+        """The outputs of ``layers`` on rows ``x`` (no gradient, one pass)."""
+        self._require_prepared()
+        with torch.no_grad(), self._hooks(layers) as capture:
+            self._call_model(x.to(self.device))
+            return [a.detach() for a in capture.activations()]
+
     def gradients(self, x: Tensor, target: BoundTarget, sample_index: Tensor, *,
-                  layers: Sequence[nn.Module] = (), guided: bool = False,
+                  layers: Sequence[nn.Module] = (), guided: bool | str = False,
                   input_gradient: bool = True) -> Gradients:
         """Scores and gradients of the target for every row of ``x``, chunked.
 
@@ -315,33 +328,28 @@ class Engine:
             target: the bound target that scores each row.
             sample_index: (N,) the original sample each row derives from.
             layers: modules whose outputs and output gradients are returned too.
-            guided: use guided backpropagation through ReLU-family modules.
+            guided: guided backpropagation through the activation set named (see
+                :data:`voxplain.hooks.GUIDED_SETS`; ``True`` is the default set).
             input_gradient: also return dF/dx (False when only layers are needed).
         """
         self._require_prepared()
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.x is x:
-            acts = [pending.activation(layer) for layer in layers]
-            if all(a is not None for a in acts):
-                pending.guided.guided = guided
-                try:
-                    return self._backward(pending.leaf, pending.output, acts, target, sample_index,
-                                          input_gradient)
-                finally:
-                    pending.guided.guided = False
-        del pending  # free its graph before the next pass
         parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
 
-    def release_graph(self) -> None:
-        """Drop the pass kept by ``forward(..., keep_graph=True)`` if no call has used it."""
-        self._pending = None
+    def record(self, x: Tensor) -> RecordedPass:
+        """One forward pass over ``x`` (which must fit one pass), kept with its graph.
 
-    def _recorded_forward(self, x: Tensor) -> _PendingPass:
+        Every module's output is kept (to be captured after the fact) and every
+        guidable activation carries a switchable guided-backprop hook. A recorded
+        pass of one row also fills in the memory estimate for its row shape.
+        """
+        self._require_prepared()
+        if self.scripted:
+            self._refuse_scripted("recording a pass")
         names = {m: n for n, m in self.model.named_modules()}
         trace: list[LayerInfo] = []
-        outputs: dict[nn.Module, tuple[Tensor, int] | None] = {}
+        outputs: dict[nn.Module, tuple[Tensor, object] | None] = {}
         leaf_bytes = 0
 
         def record(module, inputs, output):
@@ -350,31 +358,49 @@ class Engine:
             if is_tensor and not any(True for _ in module.children()):
                 leaf_bytes += output.numel() * output.element_size()
             trace.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
-            outputs[module] = (output, output._version) if is_tensor and module not in outputs else None
+            outputs[module] = (output, output.grad_fn) if is_tensor and module not in outputs else None
 
         leaf = x.detach().to(self.device).requires_grad_(True)
-        guided = SwitchableGuidedReLU(self.model)
+        guide = SwitchableGuidedReLU(self.model)
         hooks = HookSet()
         try:
             for m in self.model.modules():
                 if m is not self.model:
                     hooks.add(m.register_forward_hook(record))
-            guided.install(hooks)
+            guide.install(hooks)
             with torch.enable_grad():
-                out = self.model(leaf)
+                out = self._call_model(leaf)
         finally:
             hooks.remove()
         row_shape = tuple(x.shape[1:])
         if x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
             self._set_row_bytes(row_shape, leaf_bytes)
-        return _PendingPass(x, leaf, out, outputs, trace, guided)
+        return RecordedPass(leaf, out, trace, outputs, guide)
+
+    def backward_recorded(self, recorded: RecordedPass, target: BoundTarget, sample_index: Tensor, *,
+                          layers: Sequence[nn.Module] = (), guided: bool | str = False,
+                          input_gradient: bool = True) -> Gradients | None:
+        """Like :meth:`gradients` on the rows of ``recorded``, from its kept graph; None when a
+        layer's output cannot be taken from it (run :meth:`gradients` instead).
+
+        The graph is freed by the backward pass: use a recorded pass once.
+        """
+        self._require_prepared()
+        acts = [recorded.activation(layer) for layer in layers]
+        if any(a is None for a in acts):
+            return None
+        recorded.guide.types = guided_types(guided)
+        try:
+            return self._backward(recorded.leaf, recorded.output, acts, target, sample_index, input_gradient)
+        finally:
+            recorded.guide.types = ()
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
-                       layers: Sequence[nn.Module], guided: bool, input_gradient: bool) -> Gradients:
+                       layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
         # The input always carries the graph: layer gradients need it even when dF/dx is not asked for.
         x = x.detach().to(self.device).requires_grad_(True)
         with torch.enable_grad(), self._hooks(layers, guided) as capture:
-            out = self.model(x)
+            out = self._call_model(x)
             acts = capture.activations()
             return self._backward(x, out, acts, target, sample_index, input_gradient)
 
@@ -401,8 +427,6 @@ class Engine:
         self._require_prepared()
         if self.scripted:
             self._refuse_scripted("tracing its layers")
-        if self._pending is not None and self._pending.x is x and x.shape[0] == 1:
-            return list(self._pending.trace)
         names = {m: n for n, m in self.model.named_modules()}
         seen: list[LayerInfo] = []
 
@@ -416,7 +440,7 @@ class Engine:
                 if m is not self.model:
                     hooks.add(m.register_forward_hook(record))
             with torch.no_grad():
-                self.model(x[:1].to(self.device))
+                self._call_model(x[:1].to(self.device))
         finally:
             hooks.remove()
         return seen
@@ -429,9 +453,9 @@ class Engine:
             "the model as a voxplain checkpoint or module:factory + weights"
         )
 
-    def has_guided_activations(self) -> bool:
-        """True if the model has activation modules that guided backpropagation can rewrite."""
-        return has_guided_activations(self.model)
+    def has_guided_activations(self, guided: bool | str = True) -> bool:
+        """True if the model has activation modules that guided backpropagation (of that set) can rewrite."""
+        return has_guided_activations(self.model, guided_types(guided))
 
     def progress_bar(self, total: int, desc: str):
         """A tqdm bar when progress is on, else a silent stand-in with the same ``update``/``close``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..methods.registry import DEFAULT_METHODS
 from . import UserError
 from ._common import add_model_input_arguments, add_run_arguments, command_line, parse_methods, parse_options
 
@@ -26,14 +27,10 @@ examples:
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
   voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
 
-DEFAULT_METHODS = ("vanilla_gradient,guided_backprop,integrated_gradients,guided_ig,smoothgrad,gradcam,"
-                   "guided_gradcam")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain explain`."""
     add_model_input_arguments(parser)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, metavar="LIST",
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
                         help="comma-separated method names, or 'all' (default: NeuroXAI's seven)")
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, repeatable, e.g. guided_ig.steps=50")

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..explain import explain_detailed
+from ..methods import create_methods
+from ..run import open_run
 from ..targets import BratsRegionTarget, ClassTarget, SegmentationTarget, Target, as_target
 from .complexity import complexity_metrics
 from .faithfulness import curves_on
@@ -37,7 +38,6 @@ from .features import feature_errors
 from .localisation import localisation_metrics
 from .pic import aggregate_pic, pic_metrics_on
 from .randomisation import cascading_randomisation, random_logit
-from ._model import prepared
 from .shortcut import marker_share
 
 __all__ = ["EvalCase", "EvaluationResult", "evaluate_cases", "probability_target", "FAMILIES"]
@@ -145,15 +145,18 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
     randomisation: dict[str, Any] = {}
     run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
     pic_kw = {} if pic_thresholds is None else {"thresholds": list(pic_thresholds)}
+    method_objs = create_methods(methods, options)
     for case in cases:
         names.append(case.name)
         x = case.image[None].float()
         target = as_target(case.target)
-        exp = explain_detailed(model, x, target, methods, options, seed=seed, progress=progress, **run_kw)
-        prob_target = probability_target(target, exp.output)
-        is_classifier = exp.output.ndim == 2
-        regions = None if case.regions is None else torch.as_tensor(case.regions)[None]
-        with prepared(model, x, prob_target, **run_kw) as p:
+        # one run per case: the explanations, then the metrics' probability scores on the same setup
+        with open_run(model, x, target, seed=seed, progress=progress, **run_kw) as run:
+            exp = run.explain(method_objs)
+            prob_target = probability_target(target, exp.output)
+            is_classifier = exp.output.ndim == 2
+            regions = None if case.regions is None else torch.as_tensor(case.regions)[None]
+            p = run.retarget(prob_target)
             for m in methods:
                 amap = exp.maps[m]
                 values: dict[str, float] = {}

@@ -2,22 +2,27 @@
 
 IG(x) = (x - x0) * integral_0^1 dF/dx(x0 + a (x - x0)) da, approximated by
 sum_j w_j dF/dx(x0 + a_j (x - x0)). The path points of all rows are evaluated in
-chunks from :meth:`Engine.chunks`, so B x steps x C x voxels never sits in memory
-at once (3D volumes); each chunk's weighted gradients are added into an
-(N, C, *spatial) sum.
+chunks that fit one pass (:meth:`voxplain.run.Run.row_chunks`), so B x steps x C x
+voxels never sits in memory at once (3D volumes); each chunk's weighted gradients
+are added into an (N, C, *spatial) sum.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Method, Run
+from .base import Attribution, Method
 from .baselines import BaselineSpec, check_baseline, resolve_baseline
+from .completeness import report_completeness
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["IntegratedGradients", "integrated_gradients", "quadrature", "RULES", "check_steps", "check_rule"]
 
@@ -75,13 +80,9 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     return alphas.tolist(), weights
 
 
-def _batch_size(run: Run) -> int | None:
-    classes = getattr(run.target, "classes", None)
-    return None if classes is None else int(classes.shape[0])
-
-
-def integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", steps: int = 50,
-                         rule: str = "riemann_trapezoid", desc: str = "integrated_gradients") -> Tensor:
+def integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "zeros", steps: int = 50,
+                         rule: str = "gausslegendre", desc: str = "integrated_gradients",
+                         baseline_scores: bool = False) -> tuple[Tensor, Tensor | None]:
     """Integrated gradients of ``run.target`` for every row of ``run.x``: (N, C, *spatial).
 
     The reusable core of :class:`IntegratedGradients` (and of methods built on IG,
@@ -93,43 +94,38 @@ def integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", st
         steps: number of path points per row.
         rule: quadrature rule, one of :data:`RULES`.
         desc: label of the progress bar.
+        baseline_scores: also return F(baseline) per row (for completeness): read from
+            the path when the rule evaluates the baseline itself, else one forward pass.
+
+    Returns:
+        The map and F(baseline) (None unless ``baseline_scores``).
     """
     steps = check_steps(steps)
     check_rule(rule, steps)
-    engine, x = run.engine, run.x
-    x0 = resolve_baseline(baseline, x, run.sample_index, _batch_size(run))
+    x = run.x
+    x0 = resolve_baseline(baseline, x, run.sample_index, run.n_samples)
     diff = x - x0
     alphas_list, weights_list = quadrature(rule, steps)
     alphas = torch.tensor(alphas_list, dtype=x.dtype, device=x.device)
     weights = torch.tensor(weights_list, dtype=x.dtype, device=x.device)
-    n_rows = x.shape[0] * steps
     view = (-1,) + (1,) * (x.ndim - 1)
     total = torch.zeros_like(x)
-    bar = engine.progress_bar(n_rows, desc)
-    try:
-        for sl in engine.chunks(n_rows, tuple(x.shape[1:])):
-            # Rows are sample-major: row k is path point k % steps of sample k // steps,
-            # so a chunk is a few contiguous runs of points, one per sample.
-            runs = []
-            for r in range(sl.start // steps, (sl.stop - 1) // steps + 1):
-                lo, hi = max(sl.start, r * steps) - r * steps, min(sl.stop, (r + 1) * steps) - r * steps
-                runs.append((r, lo, hi))
-            points = torch.cat([torch.addcmul(x0[r:r + 1], alphas[lo:hi].view(view), diff[r:r + 1])
-                                for r, lo, hi in runs])
-            owner = torch.cat([run.sample_index[r:r + 1].expand(hi - lo) for r, lo, hi in runs])
-            grads = engine.gradients(points, run.target, owner).inputs
-            del points
-            start = 0
-            for r, lo, hi in runs:
-                # The weighted sum over this sample's points, as one matrix-vector product.
-                part = weights[lo:hi] @ grads[start:start + hi - lo].flatten(1)
-                total[r] += part.view(x.shape[1:])
-                start += hi - lo
-            del grads
-            bar.update(sl.stop - sl.start)
-    finally:
-        bar.close()
-    return diff * total
+    at_baseline = alphas_list[0] == 0.0
+    f0 = torch.empty(x.shape[0], dtype=torch.float64, device=x.device) if baseline_scores and at_baseline else None
+    for chunk in run.row_chunks(steps, desc=desc):
+        # one broadcast product per sample: no gathered copies of x0 and x - x0
+        points = torch.cat([torch.addcmul(x0[r:r + 1], alphas[lo:hi].view(view), diff[r:r + 1])
+                            for r, lo, hi in chunk.runs])
+        grads = run.gradients(points, chunk.owner)
+        del points
+        chunk.add_per_sample(total, grads.inputs, weights)
+        if f0 is not None:
+            first = chunk.step == 0
+            f0[chunk.sample[first]] = grads.scores[first].to(f0.dtype)
+        del grads
+    if baseline_scores and f0 is None:
+        f0 = run.scores(x0, run.sample_index)
+    return diff * total, f0
 
 
 @register
@@ -138,18 +134,30 @@ class IntegratedGradients(Method):
 
     Args:
         steps: number of path points (>= 1; >= 2 for ``riemann_trapezoid``).
-        rule: ``"riemann_trapezoid"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-            ``"riemann_middle"`` or ``"gausslegendre"``; positions and weights as in Captum.
+        rule: ``"gausslegendre"`` (default, as Captum), ``"riemann_trapezoid"``,
+            ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``; positions and
+            weights as in Captum. Gauss-Legendre never evaluates the gradient at the
+            baseline itself, where networks with InstanceNorm/GroupNorm can have an
+            extreme gradient (the trapezoid and left rules do).
         baseline: ``"zeros"`` (default), ``"min"``, ``"max"``, ``"blur"``/``"blur:SIGMA"``,
             a number, or a tensor broadcastable to the input (see :mod:`voxplain.methods.baselines`).
+
+    Reports its completeness error per sample in ``extras["completeness"]`` and warns
+    (naming the likely cause) when it is above 5%.
     """
 
     name = "integrated_gradients"
 
-    def __init__(self, steps: int = 50, rule: str = "riemann_trapezoid", baseline: BaselineSpec = "zeros"):
+    def __init__(self, steps: int = 50, rule: str = "gausslegendre", baseline: BaselineSpec = "zeros"):
         self.steps = check_steps(steps)
         self.rule = check_rule(rule, self.steps)
         self.baseline = check_baseline(baseline)
 
-    def attribute(self, run: Run) -> Tensor:
-        return integrated_gradients(run, self.baseline, self.steps, self.rule, desc=self.name)
+    def attribute(self, run: "Run") -> Attribution:
+        # rows derived from the input (SmoothGrad's noisy copies) get no completeness check
+        attr, f0 = integrated_gradients(run, self.baseline, self.steps, self.rule, desc=self.name,
+                                        baseline_scores=not run.derived)
+        result = Attribution(attr)
+        if f0 is not None:
+            report_completeness(result, run, attr, f0, method=self.name, steps=self.steps, rule=self.rule)
+        return result

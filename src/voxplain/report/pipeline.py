@@ -7,9 +7,10 @@ it), turn the command's target spec into targets, explain, and write the report.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_dir
+from ..run import Run, open_run
 from ..targets import SegmentationTarget, Target
 from .inputs import Case, load_cases
 from .figures import comparison_grid, study_rows
@@ -27,7 +29,7 @@ from .summary import jsonable, methods_summary, prediction_summary
 from .writer import ScanSpace, slug, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
-           "explain_case", "inspect_case", "run_explain", "run_inspect"]
+           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect"]
 
 
 @dataclass
@@ -180,12 +182,23 @@ def _independent(config: dict) -> bool:
     return "sigmoid" in str(config.get("output", ""))
 
 
-def _forward(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
-    from ..engine import Engine
-    from ..explain import _forward_original
+@contextlib.contextmanager
+def open_case(loaded: LoadedModel, x: torch.Tensor, task: str, target_spec: str | None, device=None,
+              region: str | None = None, **kwargs) -> Iterator[tuple[Run, list[tuple[str, Target]]]]:
+    """:func:`~voxplain.run.open_run` on a prepared case, its targets chosen from the model's output.
 
-    with Engine(model, device=device) as engine:
-        return _forward_original(engine, x.to(engine.device)).cpu()
+    Yields the run, which explains the first target, and every ``(label, target)``
+    pair of the command's target spec (:func:`parse_targets`); explain the others
+    with ``run.retarget(target)``. ``kwargs`` as for ``open_run``.
+    """
+    targets: list[tuple[str, Target]] = []
+
+    def first_target(output: torch.Tensor) -> Target:
+        targets.extend(parse_targets(task, target_spec, output.cpu(), loaded.config, region))
+        return targets[0][1]
+
+    with open_run(loaded.model, x, first_target, device=device, **kwargs) as run:
+        yield run, targets
 
 
 def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, methods: Sequence[str],
@@ -194,21 +207,22 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                  normalise: bool = True, name: str | None = None, size: Sequence[int] | None = None,
                  centre: Sequence[float] | None = None) -> tuple[Study, ScanSpace | None]:
     """Explain one case with every method for every target; returns the study and where its maps go."""
-    from ..explain import explain_detailed
+    from ..methods import create_methods
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre)
-    output = _forward(loaded.model, prepared.x, device)
-    targets = parse_targets(task, target_spec, output, loaded.config, region)
+    method_objs = create_methods(methods, options)
     class_names = _names_for(loaded.config, task)
     maps: dict[str, dict[str, Any]] = {}
     per_target: dict[str, Any] = {}
+    with open_case(loaded, prepared.x, task, target_spec, device, region, seed=seed, progress=progress,
+                   batch_size=batch_size, memory_budget=memory_budget) as (first, targets):
+        output = first.output.cpu()
+        for i, (label, target) in enumerate(targets):
+            expl = (first if i == 0 else first.retarget(target)).explain(method_objs)
+            maps[label] = {m: v[0].numpy() for m, v in expl.maps.items()}
+            per_target[label] = {"target": jsonable(expl.target), "explained_score": round(float(expl.scores[0]), 6),
+                                 "methods": methods_summary(expl)}
     prediction = prediction_summary(output, 0, class_names, independent=_independent(loaded.config))
-    for label, target in targets:
-        expl = explain_detailed(loaded.model, prepared.x, target, methods, options, device=device,
-                                batch_size=batch_size, memory_budget=memory_budget, seed=seed, progress=progress)
-        maps[label] = {m: v[0].numpy() for m, v in expl.maps.items()}
-        per_target[label] = {"target": jsonable(expl.target), "explained_score": round(float(expl.scores[0]), 6),
-                             "methods": methods_summary(expl)}
     prediction["targets"] = {label: {"explained_score": v["explained_score"]} for label, v in per_target.items()}
     model_info = {k: loaded.config[k] for k in ("model", "model_config", "task") if k in loaded.config}
     settings = {"model": loaded.spec, "model_config": jsonable(model_info),
@@ -283,27 +297,22 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     middle and last layer, for the viewer and NIfTI files), where its maps go, the
     chosen layer's per-filter activations (K, *layer spatial) and that layer's name.
     """
-    from ..engine import Engine
-    from ..methods.gradcam import gradcam_per_layer
+    from ..methods.gradcam import layer_cams
     from ..methods.layer_select import inspection_layers, resolve_layer
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise)
-    output = _forward(loaded.model, prepared.x, device)
-    label, target = parse_targets(task, target_spec, output, loaded.config)[0]
-    cams = gradcam_per_layer(loaded.model, prepared.x, target, device=device, batch_size=batch_size,
-                             memory_budget=memory_budget)
-    if layer is None:
-        with Engine(loaded.model, device=device) as engine:
-            chosen = inspection_layers(engine, prepared.x.to(engine.device))
-        layer = chosen[len(chosen) // 2][0] if chosen else next(iter(cams))
-    module = resolve_layer(loaded.model, layer)
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach().cpu()))
-    try:
-        _forward(loaded.model, prepared.x, device)
-    finally:
-        handle.remove()
-    if not captured or captured[0].ndim != prepared.x.ndim:
+    with open_case(loaded, prepared.x, task, target_spec, device, batch_size=batch_size,
+                   memory_budget=memory_budget) as (run, targets):
+        label = targets[0][0]
+        output = run.output.cpu()
+        if layer is None:
+            chosen = inspection_layers(run.engine, run.x, run.trace())
+            layer = chosen[len(chosen) // 2][0] if chosen else None
+        # read from the first forward while the run still keeps it, before the CAMs' pass
+        activations = run.layer_outputs([resolve_layer(loaded.model, layer)])[0].cpu() if layer else None
+        # (with no layer to inspect, this raises a clear error)
+        cams = {name: cam.detach().to("cpu", torch.float32) for name, cam in layer_cams(run).items()}
+    if activations.ndim != prepared.x.ndim:
         raise ValueError(f"layer {layer!r} has no spatial output to show per filter")
     layers = {name: cam[0].numpy() for name, cam in cams.items()}
     names = list(layers)
@@ -315,7 +324,7 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                             "filters_of": layer, "preprocessing": prepared.notes},
                   spacing=case.spacing, layers=layers)
     scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
-    return study, scan, captured[0][0].numpy(), layer
+    return study, scan, activations[0].numpy(), layer
 
 
 def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None = None,
