@@ -381,3 +381,56 @@ def test_public_names():
     assert voxplain.create_method("gradcam", {"layer": "x"}).layer == "x"
     with pytest.raises(ValueError, match="unknown option"):
         voxplain.create_method("guided_gradcam", {"layers": "x"})
+
+
+# ---------------------------------------------------------------------------
+# which activations are guided
+
+
+def _mixed_activations(seed: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+def test_relu_only_option_agrees_with_captum():
+    model, x, layer = _mixed_activations(), torch.randn(2, 2, 10, 10), "4"
+    opts = {"guided_backprop": {"activations": "relu"}, "guided_gradcam": {"activations": "relu", "layer": layer}}
+    with pytest.warns(UserWarning, match=r"left unguided.*ELU x1, LeakyReLU x1"):
+        ours = explain(model, x, [0, 2], methods=["guided_backprop", "guided_gradcam"], options=opts)
+    # Captum's GuidedBackprop (and GuidedGradCam) rewrite nn.ReLU modules only
+    ref_gbp = CaptumGuidedBackprop(model).attribute(x, target=[0, 2])
+    ref_ggc = GuidedGradCam(model, model[4]).attribute(x, target=[0, 2], interpolate_mode="bilinear")
+    for name, ref in (("guided_backprop", ref_gbp), ("guided_gradcam", ref_ggc)):
+        scale = float(ref.abs().max())
+        assert scale > 0 and float((ours[name] - ref).abs().max()) <= RTOL * scale, name
+    # the default set also guides LeakyReLU and ELU, which changes the map
+    default = explain(model, x, [0, 2], methods=["guided_backprop"])["guided_backprop"]
+    assert not torch.allclose(default, ours["guided_backprop"])
+
+
+def test_unguided_nonlinearities_are_named_in_warnings_and_extras():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.warns(UserWarning, match=r"guided_backprop: .*left unguided.*GELU x1, SiLU x1.*functional"):
+        out = voxplain.explain_detailed(model, x, 0, methods=["guided_backprop", "guided_gradcam", "vanilla_gradient"])
+    for name in ("guided_backprop", "guided_gradcam"):
+        (line,) = out.extras[name]["warnings"]
+        assert line.startswith(f"{name}: ") and "GELU x1, SiLU x1" in line and "\n" not in line
+    assert "warnings" not in out.extras["vanilla_gradient"]
+    # a model of ReLU-family modules only: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = voxplain.explain_detailed(classifier(dims=2), x, 0, methods=["guided_backprop"])
+    assert quiet.extras["guided_backprop"] == {}
+
+
+def test_activations_option_is_checked():
+    with pytest.raises(ValueError, match="activations must be one of 'relu_family', 'relu'"):
+        voxplain.create_method("guided_backprop", {"activations": "gelu"})
+    with pytest.raises(ValueError, match="activations must be one of"):
+        voxplain.create_method("guided_gradcam", {"activations": None})

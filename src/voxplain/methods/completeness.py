@@ -24,9 +24,10 @@ __all__ = ["TOLERANCE", "SCALE_CANCELLING_NORMS", "completeness", "report_comple
 
 #: Relative completeness error above which a warning is issued.
 TOLERANCE = 0.05
-#: Normalisation layers that divide out each sample's (or group's) own scale: the
-#: model's response along a path from a constant baseline is then far from linear
-#: near the baseline (there is no scale to normalise by), and the gradient there can be huge.
+#: Normalisation layers that divide out each sample's (or group's) own scale: the model
+#: barely sees the path x0 + a (x - x0) from x0 = 0 change with a, except next to a = 0,
+#: where there is no scale to normalise by and the gradient is huge (MONAI's BasicUNet,
+#: DynUNet, UNet with its default InstanceNorm; transformers' LayerNorm).
 SCALE_CANCELLING_NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm,
 )
@@ -56,9 +57,9 @@ def _causes(model: nn.Module, steps: int, rule: str | None) -> str:
     norms = Counter(type(m).__name__ for m in model.modules() if isinstance(m, SCALE_CANCELLING_NORMS))
     if norms:
         listed = ", ".join(f"{n} x{c}" for n, c in sorted(norms.items()))
-        causes.append(f"the model's {listed} layers cancel the input's scale, so the path from the baseline "
-                      "runs through inputs the model sees very differently from x (a baseline nearer the data, "
-                      "'min' or 'blur', or more steps help)")
+        causes.append(f"the model's {listed} layers cancel the input's scale, so along a straight path from a "
+                      "constant baseline such as zeros the score changes almost only right next to the baseline, "
+                      "where the steps miss it or the gradient is extreme (try baseline 'min' or 'blur')")
     if rule in _ENDPOINT_RULES:
         causes.append(f"rule {rule!r} takes the gradient at the baseline itself, where it can be extreme "
                       "(use 'gausslegendre')")
