@@ -135,7 +135,7 @@ class SwitchableGuidedReLU(GuidedReLU):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model, GUIDED_ACTIVATIONS)
+        super().__init__(model, tuple({t: None for types in GUIDED_SETS.values() for t in types}))
         self.types: tuple[type[nn.Module], ...] = ()
 
     def install(self, hooks: HookSet) -> None:

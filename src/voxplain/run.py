@@ -276,13 +276,13 @@ class Run:
             grads, i = self._passes[key], 0
         return grads.activations[i], grads.layer_gradients[i]
 
-    def layers_gradients(self, layers: Sequence[nn.Module]) -> Gradients:
+    def gradients_at_layers(self, layers: Sequence[nn.Module]) -> Gradients:
         """Outputs and output gradients of several layers at ``x`` from one pass stopping at them (not cached)."""
         return self._compute_at_x(layers=list(layers), guided=False, input_gradient=False)
 
     def layer_outputs(self, layers: Sequence[nn.Module]) -> list[Tensor]:
         """Outputs of ``layers`` at ``x``: read from the first pass while it is kept, else one forward."""
-        first = self._input.first if self.output is not None else None
+        first = self._input.first
         if first is not None:
             acts = [first.activation(layer) for layer in layers]
             if all(a is not None for a in acts):

@@ -11,8 +11,11 @@ import argparse
 import importlib
 import sys
 import warnings
+from pathlib import Path
 
 __all__ = ["main", "SUBCOMMANDS", "UserError"]
+
+_PACKAGE = Path(__file__).resolve().parent.parent  # the voxplain package folder
 
 #: subcommand name -> module (relative to this package), in the order shown by --help
 SUBCOMMANDS: dict[str, str] = {
@@ -53,8 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 1
-    if getattr(args, "quiet", False):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        if getattr(args, "quiet", False):
+            warnings.simplefilter("ignore")
+        warnings.showwarning = _show_warning
+        return _run(parser, args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """voxplain's own warnings as one line for the user (no source line); others as Python shows them."""
+    out = file if file is not None else sys.stderr
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        out.write(f"voxplain: warning: {message}\n")
+    else:
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

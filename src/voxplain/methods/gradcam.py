@@ -147,7 +147,7 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
         order = {id(info.module): k for k, info in enumerate(trace)}
         chosen.sort(key=lambda pair: order[id(pair[1])])
     modules = list(dict.fromkeys(m for _, m in chosen))
-    grads = run.layers_gradients(modules)
+    grads = run.gradients_at_layers(modules)
     out: dict[str, Tensor] = {}
     for name, module in chosen:
         i = modules.index(module)
