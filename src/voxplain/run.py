@@ -41,22 +41,29 @@ from .targets import BoundTarget, Target, as_target
 if TYPE_CHECKING:
     from .methods.base import Method
 
-__all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "seeded_generator"]
+__all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "as_batch_tensor", "seeded_generator"]
+
+
+def as_batch_tensor(x, name: str = "input") -> Tensor:
+    """``x`` (a tensor or numpy array) as a tensor of shape (B, C, *spatial) with 1 to 3 spatial
+    dimensions, or a clear error naming ``name``."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, *spatial), "
+                        f"got {type(x).__name__}")
+    if not 3 <= x.ndim <= 5:
+        raise ValueError(
+            f"{name} must have shape (B, C, *spatial) with 1 to 3 spatial dimensions (3 to 5 dims in all), "
+            f"got {x.ndim} dim(s) with shape {tuple(x.shape)}; add the batch/channel axes with "
+            "x[None] or x[None, None]"
+        )
+    return x
 
 
 def check_input(x) -> Tensor:
     """Return ``x`` as a float32 tensor of shape (B, C, *spatial), or raise a clear error."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"input must be a torch.Tensor or numpy array of shape (B, C, *spatial), "
-                        f"got {type(x).__name__}")
-    if not 3 <= x.ndim <= 5:
-        raise ValueError(
-            f"input must have shape (B, C, *spatial) with 1 to 3 spatial dimensions (3 to 5 dims in all), "
-            f"got {x.ndim} dim(s) with shape {tuple(x.shape)}; add the batch/channel axes with "
-            "x[None] or x[None, None]"
-        )
+    x = as_batch_tensor(x, "input")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
     if x.numel() == 0:
