@@ -28,7 +28,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +36,8 @@ from torch import Tensor, nn
 
 from .engine import Engine, Gradients, LayerInfo, RecordedPass
 from .hooks import guided_types
+from .methods.base import Attribution, Method
 from .targets import BoundTarget, Target, as_target
-
-if TYPE_CHECKING:
-    from .methods.base import Method
 
 __all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "as_batch_tensor", "seeded_generator"]
 
@@ -242,7 +240,7 @@ class Run:
         return Run(self.engine, self.x, bound, self.sample_index, self.seed, self.output, _input=self._input)
 
     # -- declaring what the shared passes hold -------------------------------------
-    def share(self, methods: Sequence["Method"]) -> None:
+    def share(self, methods: Sequence[Method]) -> None:
         """Declare the methods about to run, so that the shared plain pass at ``x`` holds what they need.
 
         The plain pass captures every layer the methods name (``method.layers(run)``)
@@ -383,10 +381,8 @@ class Run:
         return self._input.layers[key]
 
     # -- explaining --------------------------------------------------------------------
-    def explain(self, methods: Sequence["Method"]) -> Explanation:
+    def explain(self, methods: Sequence[Method]) -> Explanation:
         """Run ``methods`` on this run in turn, sharing passes; maps and extras on the CPU."""
-        from .methods.base import Attribution
-
         if self.output is None:
             raise ValueError("explain the run of an input (from open_run), not one of derived rows")
         self.share(methods)
@@ -471,4 +467,3 @@ def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int |
             yield run
         finally:
             run.close()
-            state.first = None

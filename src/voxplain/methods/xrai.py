@@ -243,15 +243,15 @@ class XRAI(Method):
         return out
 
     # -- base attribution ----------------------------------------------------
-    def _base_map(self, run: "Run", result: Attribution) -> Tensor:
-        """(N, *spatial) base attribution, reduced over channels by max; its extras go to ``result``."""
+    def _base_map(self, run: "Run", extras: dict[str, Any]) -> Tensor:
+        """(N, *spatial) base attribution, reduced over channels by max; its checks go into ``extras``."""
         x = run.x
         if self.base_attribution is not None:
             attr = _as_base_attribution(self.base_attribution, x)
         elif self.base is not None:
             base = self.base.attribute(run)
             attr = base.map
-            result.extras.update({k: v for k, v in base.extras.items() if k in ("completeness", "warnings")})
+            extras.update({k: v for k, v in base.extras.items() if k in ("completeness", "warnings")})
         else:  # PAIR's default: IG from a black and a white image, averaged
             check = not run.derived
             low, f_low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min", baseline_scores=check)
@@ -259,8 +259,10 @@ class XRAI(Method):
                                                 baseline_scores=check)
             attr = (low + high) / 2
             if check:  # sums are linear: the average map against the average score difference
-                report_completeness(result, run, attr, (f_low + f_high) / 2, method="xrai (base IG)",
+                checked = Attribution(attr)
+                report_completeness(checked, run, attr, (f_low + f_high) / 2, method="xrai (base IG)",
                                     steps=self.steps, rule="gausslegendre")
+                extras.update(checked.extras)
         return attr.amax(dim=1)
 
     # -- regions ---------------------------------------------------------------
@@ -285,8 +287,8 @@ class XRAI(Method):
         images = x.detach().cpu().numpy()
         # precomputed segments are shared by all samples; checked before any model work
         shared = self._regions(images[0]) if self.segments is not None else None
-        attribution = Attribution(x.new_empty(0))  # the map is set below; the base's extras go in first
-        base = self._base_map(run, attribution).detach().to("cpu", torch.float64).numpy()
+        extras: dict[str, Any] = {}
+        base = self._base_map(run, extras).detach().to("cpu", torch.float64).numpy()
         maps, ranks, gains = [], [], []
         for i in range(x.shape[0]):
             regions = shared if shared is not None else self._regions(images[i])
@@ -298,10 +300,10 @@ class XRAI(Method):
                 rank_work[voxels] = r + 1
             ranks.append(regions.expand(rank_work).reshape(spatial))
             gains.append(torch.tensor(result.gains, dtype=torch.float64))
-        attribution.extras.update({"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains,
-                                   "base": torch.from_numpy(base).to(torch.float32)})
-        attribution.map = torch.from_numpy(np.stack(maps)).to(device=x.device, dtype=x.dtype).unsqueeze(1)
-        return attribution
+        extras.update({"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains,
+                       "base": torch.from_numpy(base).to(torch.float32)})
+        out = torch.from_numpy(np.stack(maps)).to(device=x.device, dtype=x.dtype).unsqueeze(1)
+        return Attribution(out, extras)
 
 
 def _as_base_attribution(value, x: Tensor) -> Tensor:
