@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,9 @@ PRESETS: dict[str, DemoPreset] = {
 
 def demo_model_path(name: str) -> Path:
     """Folder of a shipped demo checkpoint (``demo-grade``, ``demo-unet``, ``demo-slices``)."""
-    path = Path(str(resources.files("voxplain").joinpath("assets", "models", name)))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped demo model {name} is missing at {path}; reinstall voxplain")
-    return path
+    from .models.checkpoint import shipped_checkpoint
+
+    return shipped_checkpoint(name)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -108,11 +106,11 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = check_output_folder(out)
+    out = check_output_folder(out, "demo")
     models = {key: load_model_spec(str(demo_model_path(name))) for key, name in MODELS.items()}
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="demo") as tmp:
         _say(progress, f"demo ({preset}): generating a synthetic subject ...")
         t = time.perf_counter()
         generate_cohort(tmp / "input", subjects=1, seed=seed, resolution=p.resolution)

@@ -106,12 +106,12 @@ def _load(args):
         return model, cases, len(cases), f"voxplain evaluation: demo (accuracy {acc:.2f})"
     if not args.model or not args.data:
         raise UserError("give --model and --data (or --demo)")
-    from ..models.checkpoint import load_model, read_checkpoint_config
+    from ..models.checkpoint import is_checkpoint_path, load_model, read_checkpoint_config, resolve_model_spec
 
     model = load_model(args.model, args.weights, allow_unsafe_pickle=args.allow_unsafe_pickle)
     config = {}
-    path = Path(args.model)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = Path(resolve_model_spec(args.model))
+    if is_checkpoint_path(path):
         config = read_checkpoint_config(path)
     data = Path(args.data)
     if not data.is_dir():
@@ -136,6 +136,7 @@ def _load(args):
 
 def run(args: argparse.Namespace) -> int:
     """Load model and cases, run the metrics, write the output folder."""
+    from ..atomic import check_replaceable
     from ..evaluate.output import write_evaluation
     from ..evaluate.runner import FAMILIES, evaluate_cases
     from ..methods import available_methods
@@ -151,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cases is not None and args.cases < 1:
         raise UserError(f"--cases must be >= 1, got {args.cases}")
     options = parse_options(args.option)
+    check_replaceable(args.out, "evaluate")  # before hours of work, not only when writing
     model, cases, n, title = _load(args)
     if n == 0:
         raise UserError("no cases to evaluate")

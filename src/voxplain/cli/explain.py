@@ -58,12 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _task_of(model: str) -> str:
     """The checkpoint's task, else classify."""
-    from pathlib import Path
+    from ..models.checkpoint import is_checkpoint_path, read_checkpoint_config, resolve_model_spec
 
-    from ..models.checkpoint import read_checkpoint_config
-
-    path = Path(model)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = resolve_model_spec(model)
+    if is_checkpoint_path(path):
         try:
             return read_checkpoint_config(path).get("task", "classify")
         except (ValueError, FileNotFoundError) as err:

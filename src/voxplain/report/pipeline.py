@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_replaceable
 from ..run import Run, open_run
 from ..targets import SegmentationTarget, Target
 from .inputs import Case, load_cases
@@ -42,11 +42,11 @@ class LoadedModel:
 
 
 def load_model_spec(spec: str, weights: str | None = None, allow_unsafe_pickle: bool = False) -> LoadedModel:
-    """Load ``spec`` (checkpoint folder, ``module:factory`` + weights, TorchScript file)."""
-    from ..models.checkpoint import load_checkpoint, load_model
+    """Load ``spec`` (checkpoint folder, shipped model name, ``module:factory`` + weights, TorchScript file)."""
+    from ..models.checkpoint import is_checkpoint_path, load_checkpoint, load_model, resolve_model_spec
 
-    path = Path(spec)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = resolve_model_spec(spec)
+    if is_checkpoint_path(path):
         model, config = load_checkpoint(path, weights)
         return LoadedModel(model, config, str(spec))
     return LoadedModel(load_model(spec, weights, allow_unsafe_pickle=allow_unsafe_pickle), {}, str(spec))
@@ -233,19 +233,13 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     return study, scan
 
 
-def check_output_folder(out: str | os.PathLike) -> Path:
-    """``out`` as a path, refusing a file or a non-empty folder that is not an earlier voxplain output.
+def check_output_folder(out: str | os.PathLike, kind: str = "explain") -> Path:
+    """``out`` as a path, refusing (early, before any work) what :func:`voxplain.atomic.check_replaceable` refuses.
 
-    The output folder is replaced as a whole once the new one is complete, so an
-    unrelated folder given by mistake must never be taken.
+    The output folder is replaced as a whole once the new one is complete, so only an
+    empty folder or an earlier output of the same ``kind`` that holds nothing else is taken.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).is_file() for n in ("summary.json", "index.html")):
-        raise ValueError(f"--out {out} is a non-empty folder that is not a voxplain output (no summary.json or "
-                         "index.html); it would be replaced, so choose a new or empty folder")
-    return out
+    return check_replaceable(out, kind)
 
 
 def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None,
@@ -256,7 +250,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
     from ..methods import create_method
 
-    out = check_output_folder(out)
+    out = check_output_folder(out, "explain")
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
@@ -264,7 +258,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
                 "task": task, "target": target, "methods": list(methods), "options": options or {}, "seed": seed,
                 "device": str(device or "model's device")}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="explain") as tmp:
         entries, rows = [], []
         for case in cases:
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
@@ -334,12 +328,12 @@ def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
     from .figures import filter_grid
 
-    out = check_output_folder(out)
+    out = check_output_folder(out, "inspect")
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
     cases = load_cases(inputs, channels)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
                 "target": target, "layer": layer}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="inspect") as tmp:
         entries = []
         for case in cases:
             study, scan, acts, chosen = inspect_case(loaded, case, task, target, device, layer,
