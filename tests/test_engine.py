@@ -112,8 +112,9 @@ def test_rows_per_pass_scales_with_the_budget():
         assert small.rows_per_pass(row, backward=False) > r_small
         # a larger row takes proportionally fewer rows per pass
         assert small.rows_per_pass((2, 32, 32, 32)) < r_small
-    with Engine(model, memory_budget=1) as tiny:
-        assert tiny.rows_per_pass(row) == 1
+    with Engine(model, memory_budget=1) as tiny:  # below one row's need: refused, with the need
+        with pytest.raises(ValueError, match=r"one input row of shape \(2, 16, 16, 16\) needs about"):
+            tiny.rows_per_pass(row)
     with Engine(model, batch_size=3, memory_budget=1) as fixed:
         assert fixed.rows_per_pass(row) == 3
         assert [(s.start, s.stop) for s in fixed.chunks(7, row)] == [(0, 3), (3, 6), (6, 7)]

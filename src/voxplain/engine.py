@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, guided_types, has_guided_activations
+from .memory import MemoryBudgetError, available_bytes, format_bytes
+from .model_outputs import select_output
 from .targets import BoundTarget
 
 __all__ = ["Engine", "Gradients", "RecordedPass", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
@@ -30,8 +32,12 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # (CPU and CUDA) the peak stays below 3x the summed leaf-module outputs.
 _BACKWARD_OVERHEAD = 3.0
 _SCRIPTED_ACTIVATION_FACTOR = 64
+# A row whose input, times this, fits the budget is sized by running the model on it (cheap, exact);
+# a larger one is sized on the meta device first (shapes only, no memory), so it is refused before it runs.
+_REAL_PROBE_FACTOR = 64
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
+          "TIB": 1024**4}
 
 
 def parse_memory(budget: int | float | str) -> int:
@@ -163,7 +169,12 @@ class Engine:
         batch_size: rows per forward/backward pass; overrides ``memory_budget``.
         memory_budget: bytes (or ``"2GB"``) that one pass may use; the rows per
             pass are estimated from the sizes of the model's intermediate outputs.
+            A row that alone needs more is refused (:class:`~voxplain.memory.MemoryBudgetError`)
+            before it runs; without a budget (2 GB for chunking) such a row runs alone if
+            the device has the memory free.
         progress: show progress bars for long loops.
+        output_key: for a model returning a tuple, list or dict, the index or key of
+            the tensor to explain.
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
     prepares the model, leaving restores it. The engine keeps no passes between
@@ -173,7 +184,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
-                 memory_budget: int | str | None = None, progress: bool = False) -> None:
+                 memory_budget: int | str | None = None, progress: bool = False, output_key=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -185,6 +196,8 @@ class Engine:
         self.device = resolve_device(device, model)
         self.batch_size = batch_size
         self.memory_budget = parse_memory(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET
+        self.budget_given = memory_budget is not None
+        self.output_key = output_key
         self.progress = progress
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
@@ -232,22 +245,50 @@ class Engine:
             raise RuntimeError("use the Engine inside a `with engine:` block")
 
     def _call_model(self, x: Tensor) -> Tensor:
-        """The model on rows ``x`` (already on the device): the one place the model is called."""
-        return self.model(x)
+        """The model on rows ``x`` (already on the device): the one place the model is called.
+
+        Returns the tensor the model returns, or the one :attr:`output_key` selects from its
+        tuple, list or dict (:func:`~voxplain.model_outputs.select_output`).
+        """
+        return select_output(self.model(x), self.output_key)
 
     # -- chunking ----------------------------------------------------------
     def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
-        """How many rows of shape (C, *spatial) one pass may take."""
+        """How many rows of shape (C, *spatial) one pass may take.
+
+        Raises :class:`~voxplain.memory.MemoryBudgetError` when a single row needs more
+        than the memory budget given (or, with no budget given, more than the device has free).
+        """
         if self.batch_size is not None:
             return self.batch_size
         per_row = self._estimate_row_bytes(tuple(row_shape))
         if not backward:
             per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
-        return max(1, int(self.memory_budget // per_row))
+        rows = int(self.memory_budget // per_row)
+        if rows < 1:
+            self._check_one_row_fits(tuple(row_shape), per_row, backward)
+        return max(1, rows)
+
+    def _check_one_row_fits(self, row_shape: tuple[int, ...], per_row: int, backward: bool) -> None:
+        pass_kind = "forward and backward pass" if backward else "forward pass"
+        need = (f"one input row of shape {row_shape} needs about {format_bytes(per_row)} for a {pass_kind} "
+                "(estimated from the sizes of the model's layer outputs)")
+        advice = "crop or downsample the input, or use a machine with more memory"
+        if self.budget_given:
+            raise MemoryBudgetError(f"{need}, more than memory_budget={format_bytes(self.memory_budget)}; "
+                                    f"raise memory_budget (--memory-budget) or {advice}")
+        free = available_bytes(self.device)
+        if free is not None and per_row > free:
+            raise MemoryBudgetError(f"{need}, more than the {format_bytes(free)} free on {self.device}; {advice}")
+
+    def _is_large_row(self, row_shape: Sequence[int]) -> bool:
+        """Whether running the model on one row just to size it could itself use too much memory."""
+        return 4 * math.prod(row_shape) * _REAL_PROBE_FACTOR > self.memory_budget
 
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
-        if n_rows == 1:  # nothing to split: skip the size estimate (a forward pass of its own)
+        if n_rows == 1 and (self.batch_size is not None or not self._is_large_row(row_shape)):
+            # nothing to split and nothing to refuse: skip the size estimate
             yield slice(0, n_rows)
             return
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
@@ -258,8 +299,15 @@ class Engine:
             yield slice(start, min(n_rows, start + step))
 
     def fits_one_pass(self, x: Tensor) -> bool:
-        """True if the rows ``x`` fit one forward/backward pass."""
-        return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])
+        """True if the rows ``x`` fit one forward/backward pass.
+
+        A large row is sized first without running the model on it, so one that does not
+        fit at all is refused here (:class:`~voxplain.memory.MemoryBudgetError`).
+        """
+        row = tuple(x.shape[1:])
+        if self.batch_size is None and self._is_large_row(row):
+            self.rows_per_pass(row)
+        return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(row)
 
     def _estimate_row_bytes(self, row_shape: tuple[int, ...]) -> int:
         if row_shape not in self._row_bytes and self.scripted:
@@ -267,24 +315,47 @@ class Engine:
             # take _SCRIPTED_ACTIVATION_FACTOR times the input
             self._set_row_bytes(row_shape, _SCRIPTED_ACTIVATION_FACTOR * 4 * math.prod(row_shape))
         if row_shape not in self._row_bytes:
-            total = 0
-
-            def count(module, inputs, output):
-                nonlocal total
-                if isinstance(output, Tensor):
-                    total += output.numel() * output.element_size()
-
-            hooks = HookSet()
-            try:
-                for m in self.model.modules():
-                    if not any(True for _ in m.children()):
-                        hooks.add(m.register_forward_hook(count))
-                with torch.no_grad():
-                    self._call_model(torch.zeros((1, *row_shape), device=self.device))
-            finally:
-                hooks.remove()
+            total = None
+            if self._is_large_row(row_shape):
+                total = self._leaf_output_bytes(row_shape, on_meta=True)
+            if total is None:
+                total = self._leaf_output_bytes(row_shape, on_meta=False)
             self._set_row_bytes(row_shape, total)
         return self._row_bytes[row_shape]
+
+    def _leaf_output_bytes(self, row_shape: tuple[int, ...], on_meta: bool) -> int | None:
+        """Summed output sizes of the leaf modules for one row.
+
+        ``on_meta``: propagate shapes on the meta device (no memory, nothing computed);
+        returns None if the model cannot run there (e.g. it reads values).
+        """
+        from torch.func import functional_call
+
+        total = 0
+
+        def count(module, inputs, output):
+            nonlocal total
+            if isinstance(output, Tensor):
+                total += output.numel() * output.element_size()
+
+        hooks = HookSet()
+        try:
+            for m in self.model.modules():
+                if not any(True for _ in m.children()):
+                    hooks.add(m.register_forward_hook(count))
+            with torch.no_grad():
+                if on_meta:
+                    state = {name: torch.empty_like(t, device="meta") for name, t in
+                             [*self.model.named_parameters(), *self.model.named_buffers()]}
+                    try:
+                        functional_call(self.model, state, (torch.zeros((1, *row_shape), device="meta"),))
+                    except Exception:  # noqa: BLE001 - any failure on meta means: measure for real instead
+                        return None
+                else:
+                    self._call_model(torch.zeros((1, *row_shape), device=self.device))
+        finally:
+            hooks.remove()
+        return total
 
     def _set_row_bytes(self, row_shape: tuple[int, ...], leaf_output_bytes: int) -> None:
         input_bytes = 4 * math.prod(row_shape)
@@ -375,6 +446,8 @@ class Engine:
         row_shape = tuple(x.shape[1:])
         if x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
             self._set_row_bytes(row_shape, leaf_bytes)
+        if self.batch_size is None:
+            self.rows_per_pass(row_shape)  # refuses a row that does not fit (measured by this very pass)
         return RecordedPass(leaf, out, trace, outputs, guide)
 
     def backward_recorded(self, recorded: RecordedPass, target: BoundTarget, sample_index: Tensor, *,

@@ -19,7 +19,7 @@ __all__ = ["explain", "explain_detailed", "gradcam_per_layer", "Explanation", "D
 def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | Method] | None = None,
                      options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
                      batch_size: int | None = None, memory_budget: int | str | None = None,
-                     seed: int = 0, progress: bool = False) -> Explanation:
+                     seed: int = 0, progress: bool = False, output_key=None) -> Explanation:
     """Like :func:`explain`, but also returns timings, options, extras, the output and the target.
 
     ``Explanation.extras[method]`` is a dict for every method: IG-type methods
@@ -29,14 +29,14 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
     """
     method_objs = create_methods(methods, options)
     with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                  progress=progress, seed=seed) as run:
+                  progress=progress, seed=seed, output_key=output_key) as run:
         return run.explain(method_objs)
 
 
 def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | None = None,
             options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
             batch_size: int | None = None, memory_budget: int | str | None = None,
-            seed: int = 0, progress: bool = False) -> dict[str, Tensor]:
+            seed: int = 0, progress: bool = False, output_key=None) -> dict[str, Tensor]:
     """Explain ``model``'s decision on ``x`` with several methods.
 
     Args:
@@ -49,21 +49,26 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
         options: per-method options, e.g. ``{"integrated_gradients": {"steps": 64}}``.
         device: where to compute (default: the model's device).
         batch_size: rows per forward/backward pass (overrides ``memory_budget``).
-        memory_budget: bytes or a string like ``"2GB"`` one pass may use (default 2 GB).
+        memory_budget: bytes or a string like ``"2GB"`` (units B, KB, MB, GB, TB) one pass may
+            use. An input row that alone needs more is refused before it runs, with the
+            estimated need. Without it, passes are sized to 2 GB and a larger row runs
+            alone if the device has the memory free.
         seed: seed for random methods; the same seed gives the same maps.
         progress: show progress bars.
+        output_key: for a model that returns a tuple, list or dict, the index or key of
+            the output tensor to explain (e.g. ``0`` or ``"logits"``).
 
     Returns:
         ``{method name: map}``: CPU float32 maps of the input's shape
         ((B, 1, *spatial) for single-channel methods such as Grad-CAM).
     """
     return explain_detailed(model, x, target, methods, options, device, batch_size, memory_budget,
-                            seed, progress).maps
+                            seed, progress, output_key).maps
 
 
 def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | nn.Module] | None = None,
                       device=None, batch_size: int | None = None, memory_budget: int | str | None = None,
-                      upsample: bool = True) -> dict[str, Tensor]:
+                      upsample: bool = True, output_key=None) -> dict[str, Tensor]:
     """Grad-CAM at many layers in one forward/backward pass ("network inspection").
 
     Args:
@@ -73,12 +78,13 @@ def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | n
         layers: names or modules; default one per convolution in execution order,
             taken at the end of its conv/norm/activation block
             (:func:`~voxplain.methods.layer_select.inspection_layers`).
-        device, batch_size, memory_budget: as for :func:`explain`.
+        device, batch_size, memory_budget, output_key: as for :func:`explain`.
         upsample: resize every map to the input's spatial size (else keep the layer's).
 
     Returns:
         ``{layer name: CPU float32 map (B, 1, *spatial)}`` in execution order.
     """
-    with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget) as run:
+    with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                  output_key=output_key) as run:
         cams = layer_cams(run, layers, upsample=upsample)
     return {name: cam.detach().to("cpu", torch.float32) for name, cam in cams.items()}

@@ -36,7 +36,9 @@ from torch import Tensor, nn
 
 from .engine import Engine, Gradients, LayerInfo, RecordedPass
 from .hooks import guided_types
+from .memory import MemoryBudgetError
 from .methods.base import Attribution, Method
+from .model_outputs import ModelOutputError
 from .targets import BoundTarget, Target, as_target
 
 __all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "as_batch_tensor", "seeded_generator"]
@@ -425,6 +427,8 @@ def _first_forward(engine: Engine, x: Tensor) -> tuple[Tensor, RecordedPass | No
             first = engine.record(x)
             return first.output.detach(), first
         return engine.forward(x), None
+    except (MemoryBudgetError, ModelOutputError):
+        raise  # they say what is wrong already
     except Exception as err:
         expected = _first_conv_channels(engine.model)
         hint = ""
@@ -444,7 +448,8 @@ def _bind(target, output: Tensor) -> BoundTarget:
 
 @contextlib.contextmanager
 def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int | None = None,
-             memory_budget: int | str | None = None, progress: bool = False, seed: int = 0) -> Iterator[Run]:
+             memory_budget: int | str | None = None, progress: bool = False, seed: int = 0,
+             output_key=None) -> Iterator[Run]:
     """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
 
     Args:
@@ -452,13 +457,13 @@ def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int |
         x: input (B, C, *spatial), 1 to 3 spatial dimensions (checked by :func:`check_input`).
         target: what to explain (as for :func:`voxplain.explain`), or a function that takes
             the model's output at ``x`` and returns it (to choose it from the prediction).
-        device, batch_size, memory_budget, progress, seed: as for :func:`voxplain.explain`.
+        device, batch_size, memory_budget, progress, seed, output_key: as for :func:`voxplain.explain`.
     """
     x = check_input(x)
     if not (callable(target) and not isinstance(target, Target)):
         target = as_target(target)
     with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                progress=progress) as engine:
+                progress=progress, output_key=output_key) as engine:
         xd = x.to(engine.device)
         output, first = _first_forward(engine, xd)
         state = _InputState(first, first.trace if first is not None else None)

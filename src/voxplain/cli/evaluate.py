@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import UserError
-from ._common import parse_options
+from ._common import MODEL_HELP, parse_options
 
 HELP = "score explanation methods over a cohort: faithfulness, PIC, localisation, sanity checks"
 DESCRIPTION = """\
@@ -24,8 +24,9 @@ Writes to --out: metrics.json ({method: {metric: mean}}), metrics_per_case.json,
 metrics.csv, metrics_per_case.csv, curves.json/png, randomisation.json/png and
 report.html (a self-contained method x metric table with the plots).
 
---model is a voxplain checkpoint folder (from `voxplain train`), 'module:factory'
-(+ --weights) or a TorchScript file. --data is a BraTS / phantom cohort folder
+--model is a voxplain checkpoint folder (from `voxplain train`), a shipped model
+(demo-unet, demo-grade, demo-slices), 'module:factory' (+ --weights) or a
+TorchScript file (which carries code: trusted files only). --data is a BraTS / phantom cohort folder
 (grade classifier or region U-Net) or a 2D image folder (no masks: faithfulness,
 PIC, complexity, randomisation only). --demo needs neither: it trains a small 2D
 CNN on a synthetic task with a known target and a shortcut marker (a few minutes
@@ -33,10 +34,10 @@ on two CPU cores; --cases N for fewer cases)."""
 EXAMPLES = """\
 examples:
   voxplain evaluate --demo --out eval-demo
-  voxplain evaluate --model models/demo-grade --data heldout --out eval-grade \\
+  voxplain evaluate --model demo-grade --data heldout --out eval-grade \\
       --methods vanilla_gradient,guided_backprop,integrated_gradients,gradcam,guided_gradcam
-  voxplain evaluate --model models/demo-unet --data heldout --region WT --out eval-unet --cases 20
-  voxplain evaluate --model models/demo-grade --data heldout --out eval --metrics localisation,complexity \\
+  voxplain evaluate --model demo-unet --data heldout --region WT --out eval-unet --cases 20
+  voxplain evaluate --model demo-grade --data heldout --out eval --metrics localisation,complexity \\
       --option integrated_gradients.steps=16"""
 
 DEFAULT_METHODS = "vanilla_gradient,guided_backprop,integrated_gradients,smoothgrad,gradcam,guided_gradcam"
@@ -44,7 +45,7 @@ DEFAULT_METHODS = "vanilla_gradient,guided_backprop,integrated_gradients,smoothg
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain evaluate`."""
-    parser.add_argument("--model", metavar="SPEC", help="checkpoint folder, 'module:factory' or TorchScript file")
+    parser.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", help="state_dict for a 'module:factory' model")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow loading a fully pickled model file (runs code from the file)")

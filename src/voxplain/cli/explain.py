@@ -18,11 +18,16 @@ Run explanation methods on one input (or every case of a folder) and write to --
 A folder of cases gives one sub-folder per case and an index.html.
 Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
 checkpoint says (or padded to the size the network needs); maps are put back on
-the scan's grid."""
+the scan's grid.
+
+--model demo-grade, demo-unet and demo-slices are the small models shipped with
+voxplain (trained on synthetic phantoms); a local folder of the same name wins.
+'module:factory' imports Python code and a TorchScript file carries code that
+runs: load those only from sources you trust."""
 EXAMPLES = """\
 examples:
-  voxplain explain --model models/demo-grade --input BraTS20_001 --task classify --out out/grade
-  voxplain explain --model models/demo-unet --input BraTS20_001 --task segment --target WT,ET \\
+  voxplain explain --model demo-grade --input BraTS20_001 --task classify --out out/grade
+  voxplain explain --model demo-unet --input BraTS20_001 --task segment --target WT,ET \\
       --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
   voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
                       methods=methods, weights=args.weights, options=parse_options(args.option),
                       device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
                       memory_budget=args.memory_budget, region=args.region,
-                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line())
+                      allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
+                      output_key=args.output_key)
     if not args.quiet:
         index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
         print(f"wrote {out}/ (open {index})")

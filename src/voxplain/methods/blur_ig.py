@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .base import Attribution, Method
 from .completeness import report_completeness
+from .integrated_gradients import check_steps
 from .registry import register
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class BlurIG(Method):
     def __init__(self, max_sigma: float = 50.0, steps: int = 100, grad_step: float = 0.01,
                  sqrt: bool = False) -> None:
         self.max_sigma = _positive_number(max_sigma, "blur_ig max_sigma")
-        self.steps = _positive_number(steps, "blur_ig steps", integer=True)
+        self.steps = check_steps(_positive_number(steps, "blur_ig steps", integer=True), "blur_ig steps")
         self.grad_step = _positive_number(grad_step, "blur_ig grad_step")
         self.sqrt = bool(sqrt)
 

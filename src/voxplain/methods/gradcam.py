@@ -136,7 +136,8 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
         chosen = inspection_layers(run.engine, run.x, trace)
         if not chosen:
             raise ValueError(f"{type(run.model).__name__} has no convolution with a spatial output on input "
-                             f"shape {tuple(run.x.shape)}; pass `layers` explicitly")
+                             f"shape {tuple(run.x.shape)}; name a layer with a spatial output: `layers=[NAME]` "
+                             "in the API (voxplain inspect: --layer NAME)")
     else:
         names = {m: n for n, m in reversed(list(run.model.named_modules()))}
         chosen = []

@@ -24,14 +24,22 @@ from .registry import register
 if TYPE_CHECKING:
     from ..run import Run
 
-__all__ = ["IntegratedGradients", "integrated_gradients", "quadrature", "RULES", "check_steps", "check_rule"]
+__all__ = ["IntegratedGradients", "integrated_gradients", "quadrature", "RULES", "check_steps", "check_rule",
+           "MAX_STEPS", "MAX_GAUSS_LEGENDRE_STEPS"]
 
 #: Quadrature rules, named as in Captum's ``IntegratedGradients(method=...)``.
 RULES = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
+#: The most path points, samples or steps any method takes per input: far beyond any useful accuracy
+#: (path integrals converge within a few hundred points), and small enough that the per-point
+#: bookkeeping (positions, weights, progress) stays a few megabytes.
+MAX_STEPS = 100_000
+#: Gauss-Legendre nodes come from an eigenvalue problem of size steps x steps (numpy, as Captum):
+#: O(steps^2) memory and O(steps^3) time.
+MAX_GAUSS_LEGENDRE_STEPS = 1024
 
 
-def check_steps(steps, name: str = "steps", minimum: int = 1) -> int:
-    """``steps`` as an int >= ``minimum``, or a clear error."""
+def check_steps(steps, name: str = "steps", minimum: int = 1, maximum: int = MAX_STEPS) -> int:
+    """``steps`` as an int in [``minimum``, ``maximum``], or a clear error."""
     if isinstance(steps, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got a bool")
     try:
@@ -40,6 +48,9 @@ def check_steps(steps, name: str = "steps", minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int >= {minimum}, got {steps!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name}={value} is more than the limit of {maximum}; results stop changing long "
+                         "before that, while time and memory keep growing with it")
     return value
 
 
@@ -49,6 +60,9 @@ def check_rule(rule: str, steps: int) -> str:
         raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
     if rule == "riemann_trapezoid" and steps < 2:
         raise ValueError(f"rule 'riemann_trapezoid' needs steps >= 2 (both end points), got {steps}")
+    if rule == "gausslegendre" and steps > MAX_GAUSS_LEGENDRE_STEPS:
+        raise ValueError(f"rule 'gausslegendre' takes at most {MAX_GAUSS_LEGENDRE_STEPS} steps (its nodes cost "
+                         f"O(steps^3) to compute), got {steps}; it converges fast, or use a riemann rule for more")
     return rule
 
 

@@ -90,6 +90,10 @@ def create_methods(methods: "str | Method | Sequence[str | Method] | None",
         methods = DEFAULT_METHODS
     if isinstance(methods, (str, Method)):
         methods = [methods]
+    methods = list(methods)
+    if not methods:
+        raise ValueError("methods is empty: name at least one method (or pass None for NeuroXAI's seven); "
+                         f"available: {', '.join(available_methods())}")
     options = dict(options or {})
     built: list[Method] = []
     for m in methods:

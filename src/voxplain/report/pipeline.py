@@ -26,7 +26,7 @@ from .inputs import Case, load_cases
 from .figures import comparison_grid, study_rows
 from .study import Study
 from .summary import jsonable, methods_summary, prediction_summary
-from .writer import ScanSpace, slug, write_index, write_report
+from .writer import ScanSpace, slug, unique_slugs, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
            "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect"]
@@ -34,11 +34,15 @@ __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_cas
 
 @dataclass
 class LoadedModel:
-    """A model and what its checkpoint says about it (empty for other model kinds)."""
+    """A model and what its checkpoint says about it (empty for other model kinds).
+
+    ``output_key``: for a model returning a tuple, list or dict, which output to explain.
+    """
 
     model: nn.Module
     config: dict = field(default_factory=dict)
     spec: str = ""
+    output_key: Any = None
 
 
 def load_model_spec(spec: str, weights: str | None = None, allow_unsafe_pickle: bool = False) -> LoadedModel:
@@ -197,7 +201,7 @@ def open_case(loaded: LoadedModel, x: torch.Tensor, task: str, target_spec: str 
         targets.extend(parse_targets(task, target_spec, output.cpu(), loaded.config, region))
         return targets[0][1]
 
-    with open_run(loaded.model, x, first_target, device=device, **kwargs) as run:
+    with open_run(loaded.model, x, first_target, device=device, output_key=loaded.output_key, **kwargs) as run:
         yield run, targets
 
 
@@ -246,7 +250,7 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                 methods: Sequence[str], weights: str | None = None, options: dict | None = None, device=None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
-                channels: int | None = None, command: str = "") -> Path:
+                channels: int | None = None, command: str = "", output_key=None) -> Path:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
     from ..methods import create_method
 
@@ -254,16 +258,20 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded.output_key = output_key
     cases = load_cases(inputs, channels)
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
                 "task": task, "target": target, "methods": list(methods), "options": options or {}, "seed": seed,
                 "device": str(device or "model's device")}
+    if output_key is not None:
+        settings["output_key"] = output_key
+    folders = unique_slugs([case.name for case in cases])
     with atomic_dir(out, kind="explain") as tmp:
         entries, rows = [], []
-        for case in cases:
+        for case, sub in zip(cases, folders):
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
                                        batch_size, memory_budget, region)
-            folder = tmp / slug(case.name) if len(cases) > 1 else tmp
+            folder = tmp / sub if len(cases) > 1 else tmp
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
                          title=f"voxplain: {case.name}")
             pred = study.prediction.get("predicted_label", study.prediction.get("predicted_class",
@@ -299,13 +307,14 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                    memory_budget=memory_budget) as (run, targets):
         label = targets[0][0]
         output = run.output.cpu()
+        chosen = inspection_layers(run.engine, run.x, run.trace())
         if layer is None:
-            chosen = inspection_layers(run.engine, run.x, run.trace())
             layer = chosen[len(chosen) // 2][0] if chosen else None
         # read from the first forward while the run still keeps it, before the CAMs' pass
         activations = run.layer_outputs([resolve_layer(loaded.model, layer)])[0].cpu() if layer else None
-        # (with no layer to inspect, this raises a clear error)
-        cams = {name: cam.detach().to("cpu", torch.float32) for name, cam in layer_cams(run).items()}
+        # no conv blocks to follow: Grad-CAM at the layer named with --layer (with none, a clear error)
+        cam_layers = None if chosen or layer is None else [layer]
+        cams = {name: cam.detach().to("cpu", torch.float32) for name, cam in layer_cams(run, cam_layers).items()}
     if activations.ndim != prepared.x.ndim:
         raise ValueError(f"layer {layer!r} has no spatial output to show per filter")
     layers = {name: cam[0].numpy() for name, cam in cams.items()}
@@ -324,21 +333,23 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
 def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None = None,
                 layer: str | None = None, weights: str | None = None, device=None,
                 allow_unsafe_pickle: bool = False, channels: int | None = None, command: str = "",
-                batch_size: int | None = None, memory_budget: str | None = None) -> Path:
+                batch_size: int | None = None, memory_budget: str | None = None, output_key=None) -> Path:
     """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
     from .figures import filter_grid
 
     out = check_output_folder(out, "inspect")
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded.output_key = output_key
     cases = load_cases(inputs, channels)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
                 "target": target, "layer": layer}
+    folders = unique_slugs([case.name for case in cases])
     with atomic_dir(out, kind="inspect") as tmp:
         entries = []
-        for case in cases:
+        for case, sub in zip(cases, folders):
             study, scan, acts, chosen = inspect_case(loaded, case, task, target, device, layer,
                                                batch_size=batch_size, memory_budget=memory_budget)
-            folder = tmp / slug(case.name) if len(cases) > 1 else tmp
+            folder = tmp / sub if len(cases) > 1 else tmp
             rel = f"figures/filters_{slug(chosen)}.png"
             filter_grid(folder / rel, acts, chosen)
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
