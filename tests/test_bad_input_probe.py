@@ -40,10 +40,9 @@ from PIL import Image
 
 import voxplain
 from voxplain.cli import main
+from test_input_safety import MODALITIES, SHAPE, write_case
 from voxplain.models import build_model, save_checkpoint
 
-MODALITIES = ("t1", "t1ce", "t2", "flair")
-SHAPE = (12, 14, 10)
 FAST = ["--methods", "vanilla_gradient", "--quiet"]
 
 
@@ -141,24 +140,6 @@ def wait_for_part(proc: subprocess.Popen, parent: Path, name: str) -> None:
         time.sleep(0.05)
 
 
-def write_case(root: Path, name: str = "CASE", affines: dict | None = None, seed: int = 0,
-               flipped: tuple[str, ...] = (), nan: bool = False) -> Path:
-    rng = np.random.default_rng(seed)
-    folder = root / name
-    folder.mkdir(parents=True)
-    for m in MODALITIES:
-        data = rng.normal(100, 10, SHAPE).astype(np.float32)
-        if nan and m == "t2":
-            data[3, 3, 3] = np.nan
-        affine = (affines or {}).get(m, np.eye(4))
-        if m in flipped:
-            flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-            flip[:3, 3] = [SHAPE[0] - 1, SHAPE[1] - 1, 0]
-            data, affine = data[::-1, ::-1].copy(), affine @ flip
-        nib.save(nib.Nifti1Image(data, affine), folder / f"{name}_{m}.nii.gz")
-    return folder
-
-
 def write_png(path: Path, size=(16, 16), sixteen: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -238,20 +219,17 @@ def _(tmp, m):
     return cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out)
 
 
-@probe("13.1", "explain --out an earlier report plus a user file")
-def _(tmp, m):
-    out = tmp / "user" / "report"
-    assert cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out).code == 0
-    (out / "my_notes.txt").write_text("mine")
-    return cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out)
+def _earlier_report_then(name: str, text: str):
+    def run(tmp, m):
+        out = tmp / "user" / "report"
+        assert cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out).code == 0
+        (out / name).write_text(text)
+        return cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out)
+    return run
 
 
-@probe("13.1", "explain --out an earlier report with report.html edited")
-def _(tmp, m):
-    out = tmp / "user" / "report"
-    assert cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out).code == 0
-    (out / "report.html").write_text("my edits")
-    return cli("explain", "--model", m["cnn"], "--input", m["png"], *FAST, "--out", out)
+probe("13.1", "explain --out an earlier report plus a user file")(_earlier_report_then("my_notes.txt", "mine"))
+probe("13.1", "explain --out an earlier report with report.html edited")(_earlier_report_then("report.html", "edit"))
 
 
 @probe("13.1", "explain --out the checkpoint folder")
@@ -656,34 +634,19 @@ _HEADS = ("class M(nn.Module):\n    def __init__(self):\n        super().__init_
           "        return {RET}\ndef build():\n    return M()\n")
 
 
-@probe("13.15", "a model returning a tuple")
-def _(tmp, m):
-    model = module_file(tmp, "heads", _HEADS.replace("{RET}", "f.mean(dim=(2, 3)), f"))
-    return cli("explain", "--model", model, "--input", m["png"], *FAST, "--out", tmp / "o")
+def _heads(returns: str, *extra: str):
+    def run(tmp, m):
+        model = module_file(tmp, "heads", _HEADS.replace("{RET}", returns))
+        return cli("explain", "--model", model, "--input", m["png"], *FAST, *extra, "--out", tmp / "o")
+    return run
 
 
-@probe("13.15", "a model returning a dict")
-def _(tmp, m):
-    model = module_file(tmp, "heads", _HEADS.replace("{RET}", "{'logits': f.mean(dim=(2, 3)), 'f': f}"))
-    return cli("explain", "--model", model, "--input", m["png"], *FAST, "--out", tmp / "o")
-
-
-@probe("13.15", "a model returning a dict, --output-key logits", expect="ok")
-def _(tmp, m):
-    model = module_file(tmp, "heads", _HEADS.replace("{RET}", "{'logits': f.mean(dim=(2, 3)), 'f': f}"))
-    return cli("explain", "--model", model, "--input", m["png"], *FAST, "--output-key", "logits", "--out", tmp / "o")
-
-
-@probe("13.15", "--output-key 7 on a tuple of two")
-def _(tmp, m):
-    model = module_file(tmp, "heads", _HEADS.replace("{RET}", "f.mean(dim=(2, 3)), f"))
-    return cli("explain", "--model", model, "--input", m["png"], *FAST, "--output-key", "7", "--out", tmp / "o")
-
-
-@probe("13.15", "a model returning a string")
-def _(tmp, m):
-    model = module_file(tmp, "heads", _HEADS.replace("{RET}", "'hello'"))
-    return cli("explain", "--model", model, "--input", m["png"], *FAST, "--out", tmp / "o")
+_TUPLE, _DICT = "f.mean(dim=(2, 3)), f", "{'logits': f.mean(dim=(2, 3)), 'f': f}"
+probe("13.15", "a model returning a tuple")(_heads(_TUPLE))
+probe("13.15", "a model returning a dict")(_heads(_DICT))
+probe("13.15", "a model returning a dict, --output-key logits", expect="ok")(_heads(_DICT, "--output-key", "logits"))
+probe("13.15", "--output-key 7 on a tuple of two")(_heads(_TUPLE, "--output-key", "7"))
+probe("13.15", "a model returning a string")(_heads("'hello'"))
 
 
 @probe("13.15", "--memory-budget 1TB", expect="ok")

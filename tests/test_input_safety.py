@@ -19,15 +19,18 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 SHAPE = (12, 14, 10)
 
 
-def _case(root: Path, name: str, affines: dict[str, np.ndarray] | None = None, seed: int = 0,
-          flipped: tuple[str, ...] = ()) -> Path:
+def write_case(root: Path, name: str, affines: dict[str, np.ndarray] | None = None, seed: int = 0,
+               flipped: tuple[str, ...] = (), nan: bool = False) -> Path:
     """A BraTS-layout case; ``affines`` per modality (default RAS 1 mm); ``flipped`` modalities are
-    stored in LPS (data and affine flipped together, so they stay on the same grid)."""
+    stored in LPS (data and affine flipped together, so they stay on the same grid); ``nan`` puts
+    a NaN into t2."""
     rng = np.random.default_rng(seed)
     folder = root / name
     folder.mkdir(parents=True)
     for m in MODALITIES:
         data = rng.normal(100, 10, SHAPE).astype(np.float32)
+        if nan and m == "t2":
+            data[3, 3, 3] = np.nan
         affine = (affines or {}).get(m, np.eye(4))
         if m in flipped:
             flip = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -70,19 +73,19 @@ def test_a_case_folder_with_modalities_on_different_grids_is_refused(tmp_path):
 
     shifted = np.eye(4)
     shifted[:3, 3] = [5.0, 0, 0]  # flair 5 mm off
-    folder = _case(tmp_path, "OFF", {"flair": shifted})
+    folder = write_case(tmp_path, "OFF", {"flair": shifted})
     in_order = [folder / f"OFF_{m}.nii.gz" for m in MODALITIES]
     for load in (lambda: load_brats_case(folder), lambda: load_cases([folder]), lambda: load_cases(in_order)):
         with pytest.raises(ValueError, match=r"OFF_flair.nii.gz is not on the same grid as OFF_t1.nii.gz"):
             load()
     # a modality stored in another orientation but on the same grid is fine, as separate files too
-    same = _case(tmp_path, "LPS", flipped=("flair",))
+    same = write_case(tmp_path, "LPS", flipped=("flair",))
     case = load_brats_case(same)
     direct = load_cases([same / f"LPS_{m}.nii.gz" for m in MODALITIES])[0]
     np.testing.assert_array_equal(case.image, direct.image)
     within = np.eye(4)
     within[:3, 3] = [5e-4, 0, 0]  # float rounding in a header: within the documented tolerance
-    load_brats_case(_case(tmp_path, "ROUND", {"flair": within}))
+    load_brats_case(write_case(tmp_path, "ROUND", {"flair": within}))
 
 
 def test_singular_affine_names_the_file(tmp_path):
@@ -101,9 +104,9 @@ def test_singular_affine_names_the_file(tmp_path):
 
 def test_cases_whose_names_collide_get_their_own_folders_and_rows(tmp_path, capsys):
     data = tmp_path / "cases"
-    _case(data, "Case 1")
-    _case(data, "case_1", seed=1)
-    _case(data, "CASE-2", seed=2)
+    write_case(data, "Case 1")
+    write_case(data, "case_1", seed=1)
+    write_case(data, "CASE-2", seed=2)
     torch.manual_seed(0)
     save_checkpoint(build_model("classifier3d", in_channels=4, num_classes=2, blocks=1, base_width=2),
                     {"task": "classify"}, tmp_path / "model")

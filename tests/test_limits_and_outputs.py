@@ -61,7 +61,7 @@ def test_without_a_budget_a_large_row_runs_alone_unless_the_machine_lacks_the_me
     monkeypatch.setattr(engine_module, "DEFAULT_MEMORY_BUDGET", 1024)
     with Engine(model) as engine:
         assert engine.rows_per_pass((2, 24, 24, 24)) == 1
-    monkeypatch.setattr(engine_module, "_available_bytes", lambda device: 2048)
+    monkeypatch.setattr(engine_module, "available_bytes", lambda device: 2048)
     with pytest.raises(ValueError, match=r"more than the 2.0 KB free on cpu"):
         voxplain.explain(model, x, SegmentationTarget(0), ["vanilla_gradient"])
 
