@@ -183,6 +183,10 @@ def make_models(root: Path) -> dict:
                                      {"task": "segment", "region_names": ["TC", "WT", "ET"],
                                       "output": "sigmoid regions"}, root / "unet")
     models["png"] = write_png(root / "x.png")
+    for label in ("a", "b"):  # a 2D image folder, one sub-folder per class
+        for i in range(6):
+            write_png(root / "images" / label / f"{i}.png")
+    models["images"] = root / "images"
     models["case"] = write_case(root / "cases", "CASE")
     return models
 
@@ -261,13 +265,14 @@ def _(tmp, m):
 @probe("13.1", "evaluate --out a user folder")
 def _(tmp, m):
     out = user_files(tmp, {"metrics.json": "{}", "mine.txt": "y"})
-    return cli("evaluate", "--model", m["grade"], "--data", m["case"].parent, "--quiet", "--out", out)
+    return cli("evaluate", "--model", m["cnn"], "--data", m["images"], "--methods", "vanilla_gradient", "--metrics",
+               "complexity", "--randomisation-cases", "0", "--quiet", "--out", out)
 
 
 @probe("13.1", "train --out a user folder")
 def _(tmp, m):
     out = user_files(tmp, {"model.pt": b"mine", "config.json": "{}"})
-    return cli("train", "--data", m["case"].parent, "--quiet", "--out", out)
+    return cli("train", "--data", m["images"], "--epochs", "1", "--size", "16", "--quiet", "--out", out)
 
 
 @probe("13.1", "explain --out an existing file")
