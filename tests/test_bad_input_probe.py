@@ -565,7 +565,8 @@ def _slow(tmp: Path) -> list[str]:
                         "        return self.c(x).mean(dim=(2, 3))\ndef build():\n    return S()\n")
     write_png(tmp / "s.png")
     return ["explain", "--model", model, "--input", str(tmp / "s.png"), "--methods", "integrated_gradients",
-            "--option", "integrated_gradients.steps=2000", "--batch-size", "1", "--quiet", "--out", "o"]
+            "--option", "integrated_gradients.steps=2000", "--option", "integrated_gradients.rule=riemann_middle",
+            "--batch-size", "1", "--quiet", "--out", "o"]
 
 
 def _no_parts(tmp, o):
