@@ -36,7 +36,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from torch import nn
 
 import voxplain
 from voxplain import ClassTarget, Engine, SegmentationTarget, explain
-from voxplain.methods.base import Run
+from voxplain.run import seeded_generator
 from voxplain.methods.layer_select import default_cam_layer
 from voxplain.models.zoo import build_model
 
@@ -167,7 +166,7 @@ def _same_noise_as_ours(x: torch.Tensor):
     NoiseTunnel draws ``torch.normal(0, stdev_expanded)`` per batch of noisy copies;
     voxplain draws ``randn(row_shape)`` per copy from its seeded generator, in order.
     """
-    generator = Run.generator(SimpleNamespace(seed=0), "smoothgrad")
+    generator = seeded_generator(0, "smoothgrad")
     original = torch.normal
 
     def normal(mean, std, *args, **kwargs):

@@ -9,7 +9,7 @@ the maps and prints one table.
 
 Rows: ``blur_ig`` vs PAIR ``BlurIG`` (2D only there); ``xrai`` vs PAIR ``XRAI`` (2D only),
 once end to end (both compute IG over min/max baselines and Felzenszwalb segments;
-PAIR's IG averages gradients at ``linspace(0, 1, steps)``, ours uses the trapezoid
+PAIR's IG averages gradients at ``linspace(0, 1, steps)``, ours uses the Gauss-Legendre
 rule, so maps differ by the quadrature and the rank maps are compared too) and
 once with the same base attribution and segments (the region ranking alone,
 identical maps expected); ``smoothgrad_ig`` vs PAIR
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxplain import ClassTarget, SegmentationTarget, explain
+from voxplain import ClassTarget, SegmentationTarget, explain, explain_detailed
 from voxplain.methods.xrai import XRAI
 from voxplain.models.zoo import build_model
 
@@ -171,23 +171,23 @@ def bench_case(case: Case, args) -> list[dict]:
     if "xrai" in only or "xrai_regions" in only:
         from saliency.core import XRAI as PairXRAI, XRAIParameters
 
-        w, c, (mine, method) = timed(lambda: _ours_xrai(case, args.steps))
+        w, c, (mine, extras) = timed(lambda: _ours_xrai(case, args.steps))
         if case.dims == 2 and "xrai" in only:
             params = XRAIParameters(steps=args.steps, return_xrai_segments=True)
             rw, rc, ref = timed(lambda: PairXRAI().GetMaskWithDetails(
                 channels_last(case.x), pair_call(case.ref_model, case.cls), batch_size=args.pair_batch,
                 extra_parameters=params))
             ref_map = torch.tensor(ref.attribution_mask)
-            ranks = method.last_extras["ranks"][0].numpy()
+            ranks = extras["ranks"][0].numpy()
             top = _top_agreement(mine[0, 0], ref_map, 0.08)
             row("xrai", (w, c), (rw, rc), "PAIR XRAI",
                 f"map corr {correlation(mine[0, 0], ref_map):.3f}, top-8% overlap {top:.2f}",
                 note=f"{ranks.max()} regions; IG quadrature differs")
         elif "xrai" in only:
-            row("xrai", (w, c), note=f"{method.last_extras['ranks'].max().item()} regions; PAIR XRAI is 2D only")
+            row("xrai", (w, c), note=f"{extras['ranks'].max().item()} regions; PAIR XRAI is 2D only")
         if "xrai_regions" in only:
             # same base attribution (ours) and the same segments: the region part alone
-            base = method.last_extras["base"]
+            base = extras["base"]
             segs = _segments_of(case)
             attr = base[0].numpy()  # (*spatial): PAIR wants it per channel, max-reduced to itself
             w2, c2, mine2 = timed(lambda: ours(case, XRAI(base_attribution=base, segments=segs)))
@@ -237,8 +237,9 @@ def bench_case(case: Case, args) -> list[dict]:
 
 
 def _ours_xrai(case: Case, steps: int):
-    method = XRAI(steps=steps)
-    return ours(case, method), method
+    """Our XRAI map and its extras (ranks, gains, base map)."""
+    out = explain_detailed(case.model, case.x, case.target, methods=[XRAI(steps=steps)])
+    return out.maps["xrai"], out.extras["xrai"]
 
 
 def _segments_of(case: Case) -> list:

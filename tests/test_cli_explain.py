@@ -220,9 +220,11 @@ def test_an_unrelated_folder_is_never_replaced_but_an_old_report_is(tmp_path, ca
     assert (mine / "thesis.tex").read_text() == "precious"
     out = tmp_path / "report"
     assert _run(capsys, *args, str(out))[0] == 0
-    (out / "stale.txt").write_text("from before")
     assert _run(capsys, *args, str(out))[0] == 0  # a new run replaces its own earlier output
-    assert not (out / "stale.txt").exists() and (out / "summary.json").is_file()
+    (out / "notes.txt").write_text("added by the user")
+    code, _, err = _run(capsys, *args, str(out))  # ... but not once the user added a file to it
+    assert code == 2 and "notes.txt" in err
+    assert (out / "notes.txt").read_text() == "added by the user" and (out / "summary.json").is_file()
 
 
 def _without_et(checkpoints: Path, out: Path) -> Path:

@@ -112,8 +112,9 @@ def test_rows_per_pass_scales_with_the_budget():
         assert small.rows_per_pass(row, backward=False) > r_small
         # a larger row takes proportionally fewer rows per pass
         assert small.rows_per_pass((2, 32, 32, 32)) < r_small
-    with Engine(model, memory_budget=1) as tiny:
-        assert tiny.rows_per_pass(row) == 1
+    with Engine(model, memory_budget=1) as tiny:  # below one row's need: refused, with the need
+        with pytest.raises(ValueError, match=r"one input row of shape \(2, 16, 16, 16\) needs about"):
+            tiny.rows_per_pass(row)
     with Engine(model, batch_size=3, memory_budget=1) as fixed:
         assert fixed.rows_per_pass(row) == 3
         assert [(s.start, s.stop) for s in fixed.chunks(7, row)] == [(0, 3), (3, 6), (6, 7)]
@@ -293,7 +294,7 @@ def test_guided_relu_finds_activations_by_type():
 
 
 # ---------------------------------------------------------------------------
-# the kept first pass: forward(keep_graph=True) serves the next gradients() call
+# the recorded pass: record() keeps a forward with its graph, backward_recorded() uses it once
 
 
 @pytest.mark.parametrize("guided", [False, True])
@@ -306,11 +307,12 @@ def test_kept_pass_gives_the_same_gradients_as_a_fresh_pass(guided, inplace):
         bound = ClassTarget(2).bind(engine.forward(x))
         fresh = engine.gradients(x, bound, torch.arange(1), layers=layers, guided=guided)
     with Engine(model) as engine:
-        out = engine.forward(x, keep_graph=True)
-        assert not out.requires_grad and _no_hooks(model)
-        assert engine.trace(x) and [i.name for i in engine.trace(x)] == [str(i) for i in range(10)]
-        kept = engine.gradients(x, ClassTarget(2).bind(out), torch.arange(1), layers=layers, guided=guided)
-        assert engine._pending is None  # used once
+        recorded = engine.record(x)
+        out = recorded.output.detach()
+        assert _no_hooks(model)
+        assert [i.name for i in recorded.trace] == [str(i) for i in range(10)]
+        kept = engine.backward_recorded(recorded, ClassTarget(2).bind(out), torch.arange(1), layers=layers,
+                                        guided=guided)
     torch.testing.assert_close(kept.scores, fresh.scores, rtol=0, atol=0)
     torch.testing.assert_close(kept.inputs, fresh.inputs, rtol=0, atol=0)
     for a, b in zip(kept.activations + kept.layer_gradients, fresh.activations + fresh.layer_gradients):
@@ -318,21 +320,18 @@ def test_kept_pass_gives_the_same_gradients_as_a_fresh_pass(guided, inplace):
     assert _no_hooks(model)
 
 
-def test_kept_pass_is_dropped_by_other_calls():
-    model = classifier(dims=1)
-    x = torch.randn(1, 2, 8)
+def test_recorded_pass_refuses_a_layer_output_changed_in_place():
+    model = classifier(dims=2, inplace=True)
+    x = torch.randn(1, 2, 10, 10)
     with Engine(model) as engine:
-        bound = ClassTarget(0).bind(engine.forward(x, keep_graph=True))
-        engine.gradients(x.clone(), bound, torch.arange(1))  # another tensor: a fresh pass
-        assert engine._pending is None
-        engine.forward(x, keep_graph=True)
-        engine.scores(x, bound, torch.arange(1))
-        assert engine._pending is None
-        engine.forward(x, keep_graph=True)
-        engine.release_graph()
-        assert engine._pending is None
-        engine.forward(x, keep_graph=True)
-    assert engine._pending is None  # leaving the engine drops it too
+        recorded = engine.record(x)
+        bound = ClassTarget(2).bind(recorded.output.detach())
+        # BatchNorm's output is rewritten by the in-place ReLU after it: it cannot be captured after the fact
+        assert recorded.activation(model[1]) is None and recorded.activation(model[2]) is not None
+        assert engine.backward_recorded(recorded, bound, torch.arange(1), layers=[model[1]]) is None
+        kept = engine.backward_recorded(recorded, bound, torch.arange(1), layers=[model[2]])
+        fresh = engine.gradients(x, bound, torch.arange(1), layers=[model[2]])
+    torch.testing.assert_close(kept.layer_gradients[0], fresh.layer_gradients[0], rtol=0, atol=0)
 
 
 def test_kept_pass_serves_the_size_estimate():
@@ -341,6 +340,6 @@ def test_kept_pass_serves_the_size_estimate():
     with Engine(model) as a:
         expected = a.rows_per_pass(x.shape[1:])
     with Engine(model) as b:
-        b.forward(x, keep_graph=True)
+        b.record(x)
         assert tuple(x.shape[1:]) in b._row_bytes
         assert b.rows_per_pass(x.shape[1:]) == expected

@@ -330,7 +330,7 @@ def test_batch_size_one_gives_the_same_maps():
     whole = explain(model, x, target, methods=names, options=_options(names), seed=3)
     single = explain(model, x, target, methods=names, options=_options(names), seed=3, batch_size=1)
     budget = explain(model, x, target, methods=names, options=_options(names), seed=3,
-                     memory_budget="64KB")
+                     memory_budget="96KB")  # one row (about 75 KB) per pass
     for name in names:
         scale = whole[name].abs().max().item() + 1e-12
         for other in (single, budget):
@@ -388,11 +388,12 @@ def test_one_forward_serves_the_target_gradient_methods_and_gradcam():
     model = CountingNet()
     explain(model, torch.randn(1, 2, 12, 12), 0, methods=["vanilla_gradient", "gradient_x_input", "gradcam"])
     assert model.calls == 1
-    # with several samples, sizing the pass and tracing for the Grad-CAM layer take one-row
-    # forwards of their own, and still one pass serves the target and the three methods
+    # with several samples, sizing the pass takes a one-row forward of its own (the Grad-CAM
+    # layer is chosen from the first forward's trace), and still one pass serves the target
+    # and the three methods
     model = CountingNet()
     explain(model, torch.randn(3, 2, 12, 12), 0, methods=["vanilla_gradient", "gradient_x_input", "gradcam"])
-    assert model.calls == 3
+    assert model.calls == 2
 
 
 @pytest.mark.parametrize("name", ["vanilla_gradient", "gradient_x_input", "guided_backprop", "gradcam"])
@@ -464,16 +465,3 @@ def test_percentile_normalise():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         voxplain.percentile_normalise(torch.ones(1, 1, 1))
-
-
-def test_run_cached_gradients():
-    from voxplain.engine import Engine
-    from voxplain.methods import Run
-
-    model, x = classifier(dims=2), torch.randn(1, 2, 8, 8)
-    with Engine(model) as engine:
-        bound = ClassTarget(0).bind(engine.forward(x))
-        run = Run(engine, x, bound, torch.arange(1))
-        assert run.cached_gradients() is None and run.cached_gradients(guided=True) is None
-        plain = run.input_gradients()
-        assert run.cached_gradients() is plain and run.cached_gradients(guided=True) is None

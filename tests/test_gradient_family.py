@@ -120,11 +120,15 @@ def test_inplace_relu_gives_the_same_maps_as_its_twin():
 
 def test_one_plain_and_one_guided_pass_serve_the_family(monkeypatch):
     calls = []
-    original = Engine.gradients
+    original, original_recorded = Engine.gradients, Engine.backward_recorded
 
     def counting(self, *args, **kwargs):
-        calls.append(kwargs.get("guided", False))
+        calls.append(bool(kwargs.get("guided", False)))
         return original(self, *args, **kwargs)
+
+    def counting_recorded(self, *args, **kwargs):  # a pass served by the recorded first forward
+        calls.append(bool(kwargs.get("guided", False)))
+        return original_recorded(self, *args, **kwargs)
 
     traces = []
     original_trace = Engine.trace
@@ -134,10 +138,11 @@ def test_one_plain_and_one_guided_pass_serve_the_family(monkeypatch):
         return original_trace(self, x)
 
     monkeypatch.setattr(Engine, "gradients", counting)
+    monkeypatch.setattr(Engine, "backward_recorded", counting_recorded)
     monkeypatch.setattr(Engine, "trace", counting_trace)
     explain(classifier(dims=2), torch.randn(2, 2, 16, 16), 0, methods=FAMILY)
     assert sorted(calls) == [False, True]
-    assert len(traces) == 1  # Grad-CAM and guided Grad-CAM choose their layer from one trace
+    assert len(traces) == 0  # Grad-CAM and guided Grad-CAM choose their layer from the first forward's trace
 
 
 def test_gradcam_alone_and_under_smoothgrad():
@@ -376,3 +381,56 @@ def test_public_names():
     assert voxplain.create_method("gradcam", {"layer": "x"}).layer == "x"
     with pytest.raises(ValueError, match="unknown option"):
         voxplain.create_method("guided_gradcam", {"layers": "x"})
+
+
+# ---------------------------------------------------------------------------
+# which activations are guided
+
+
+def _mixed_activations(seed: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.LeakyReLU(0.1),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.ELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+
+
+def test_relu_only_option_agrees_with_captum():
+    model, x, layer = _mixed_activations(), torch.randn(2, 2, 10, 10), "4"
+    opts = {"guided_backprop": {"activations": "relu"}, "guided_gradcam": {"activations": "relu", "layer": layer}}
+    with pytest.warns(UserWarning, match=r"left unguided.*ELU x1, LeakyReLU x1"):
+        ours = explain(model, x, [0, 2], methods=["guided_backprop", "guided_gradcam"], options=opts)
+    # Captum's GuidedBackprop (and GuidedGradCam) rewrite nn.ReLU modules only
+    ref_gbp = CaptumGuidedBackprop(model).attribute(x, target=[0, 2])
+    ref_ggc = GuidedGradCam(model, model[4]).attribute(x, target=[0, 2], interpolate_mode="bilinear")
+    for name, ref in (("guided_backprop", ref_gbp), ("guided_gradcam", ref_ggc)):
+        scale = float(ref.abs().max())
+        assert scale > 0 and float((ours[name] - ref).abs().max()) <= RTOL * scale, name
+    # the default set also guides LeakyReLU and ELU, which changes the map
+    default = explain(model, x, [0, 2], methods=["guided_backprop"])["guided_backprop"]
+    assert not torch.allclose(default, ours["guided_backprop"])
+
+
+def test_unguided_nonlinearities_are_named_in_warnings_and_extras():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GELU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    x = torch.randn(1, 2, 8, 8)
+    with pytest.warns(UserWarning, match=r"guided_backprop: .*left unguided.*GELU x1, SiLU x1.*functional"):
+        out = voxplain.explain_detailed(model, x, 0, methods=["guided_backprop", "guided_gradcam", "vanilla_gradient"])
+    for name in ("guided_backprop", "guided_gradcam"):
+        (line,) = out.extras[name]["warnings"]
+        assert line.startswith(f"{name}: ") and "GELU x1, SiLU x1" in line and "\n" not in line
+    assert "warnings" not in out.extras["vanilla_gradient"]
+    # a model of ReLU-family modules only: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = voxplain.explain_detailed(classifier(dims=2), x, 0, methods=["guided_backprop"])
+    assert quiet.extras["guided_backprop"] == {}
+
+
+def test_activations_option_is_checked():
+    with pytest.raises(ValueError, match="activations must be one of 'relu_family', 'relu'"):
+        voxplain.create_method("guided_backprop", {"activations": "gelu"})
+    with pytest.raises(ValueError, match="activations must be one of"):
+        voxplain.create_method("guided_gradcam", {"activations": None})

@@ -35,7 +35,8 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path, name, config, shape):
             "input_size": list(shape[2:]), "preprocessing": {"normalise": "zscore_nonzero"}}
     history = [{"epoch": 1, "train_loss": 0.5}]
     out = save_checkpoint(model, meta, tmp_path / "ckpt", history=history)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".voxplain-output.json", "config.json", "history.json",
+                                                     "model.pt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     cfg = read_checkpoint_config(out)
     assert cfg["model"] == name and cfg["class_names"] == ["LGG", "HGG"] and cfg["input_size"] == list(shape[2:])

@@ -23,7 +23,11 @@ def cohort(tmp_path_factory):
 
 
 def _check_outputs(out, task, input_size):
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "history.json", "learning_curve.png", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".voxplain-output.json", "config.json", "history.json",
+                                                     "learning_curve.png", "model.pt"]
+    # the marker lists every file, the learning curve written after the checkpoint too
+    assert sorted(json.loads((out / ".voxplain-output.json").read_text())["files"]) == [
+        "config.json", "history.json", "learning_curve.png", "model.pt"]
     cfg = read_checkpoint_config(out)
     assert cfg["task"] == task and cfg["input_size"] == list(input_size)
     history = json.loads((out / "history.json").read_text())

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from tiny_models import SpatialMean, classifier, linear, segnet
 from voxplain import ClassTarget, SegmentationTarget, available_methods, explain
-from voxplain.methods.base import Run
+from voxplain.run import seeded_generator
 from voxplain.methods.integrated_gradients import RULES, quadrature
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -238,7 +238,7 @@ def test_guided_ig_options_and_zero_rows():
 
 def _noise_draws(seed: int, salt: str, rows: int, row_shape):
     """The noise SmoothGrad draws for ``rows`` copies (sample-major), recreated from the seed."""
-    generator = Run(None, torch.empty(0), None, torch.empty(0), seed=seed).generator(salt)
+    generator = seeded_generator(seed, salt)
     return [torch.randn(row_shape, generator=generator) for _ in range(rows)]
 
 
@@ -330,7 +330,7 @@ def test_smoothgrad_options():
     assert isinstance(sg, SmoothGradIG) and sg.base.steps == 7 and sg.options()["base"] == "integrated_gradients"
     smoothed_ig = SmoothGrad(base=IntegratedGradients(steps=3))
     assert smoothed_ig.base.steps == 3
-    assert smoothed_ig.options()["base_options"] == {"steps": 3, "rule": "riemann_trapezoid", "baseline": "zeros"}
+    assert smoothed_ig.options()["base_options"] == {"steps": 3, "rule": "gausslegendre", "baseline": "zeros"}
     for bad, message in [({"base": "nope"}, "unknown method 'nope'"),
                          ({"base_options": {"stepz": 1}}, "unknown option"),
                          ({"noise_level": -1}, "noise_level must be"),

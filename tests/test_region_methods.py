@@ -70,13 +70,13 @@ def test_blur_ig_matches_pair_2d():
 def test_blur_ig_equals_pair_in_float64_on_a_relu_net():
     """In float64 end to end the two agree to rounding; in float32 both carry ~1e-3 of float noise."""
     from voxplain import ClassTarget, Engine
-    from voxplain.methods.base import Run
+    from voxplain.run import Run
 
     model = tm.classifier(2, in_channels=3).eval().double()
     x = gaussian_blur(torch.randn(1, 3, 20, 20, dtype=torch.float64), 1.5)
     with Engine(model, batch_size=6) as engine:
         target = ClassTarget(2).bind(engine.forward(x))
-        ours = BlurIG(max_sigma=8, steps=16).attribute(Run(engine, x, target, torch.zeros(1, dtype=torch.long)))
+        ours = BlurIG(max_sigma=8, steps=16).attribute(Run(engine, x, target, torch.zeros(1, dtype=torch.long))).map
 
     def call(batch, call_model_args=None, expected_keys=None):
         t = torch.tensor(np.moveaxis(np.asarray(batch), -1, 1), requires_grad=True)

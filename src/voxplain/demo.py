@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +61,9 @@ PRESETS: dict[str, DemoPreset] = {
 
 def demo_model_path(name: str) -> Path:
     """Folder of a shipped demo checkpoint (``demo-grade``, ``demo-unet``, ``demo-slices``)."""
-    path = Path(str(resources.files("voxplain").joinpath("assets", "models", name)))
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped demo model {name} is missing at {path}; reinstall voxplain")
-    return path
+    from .models.checkpoint import shipped_checkpoint
+
+    return shipped_checkpoint(name)
 
 
 def _say(progress: bool, message: str) -> None:
@@ -107,19 +105,18 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
     from .report.inputs import Case
     import torch
 
-    from .report.pipeline import (_forward, check_output_folder, explain_case, layer_by_layer, load_model_spec,
-                                  prepare_case)
-    from .report.target_choice import choose_targets
+    from .report.pipeline import check_output_folder, explain_case, layer_by_layer, load_model_spec, open_case, \
+        prepare_case
     from .report.writer import write_report
 
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    out = check_output_folder(out)
+    out = check_output_folder(out, "demo")
     models = {key: load_model_spec(str(demo_model_path(name))) for key, name in MODELS.items()}
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="demo") as tmp:
         _say(progress, f"demo ({preset}): generating a synthetic subject ...")
         t = time.perf_counter()
         generate_cohort(tmp / "input", subjects=1, seed=seed, resolution=p.resolution)
@@ -147,16 +144,16 @@ def run_demo(out: str | os.PathLike = "demo-output", preset: str = "default", se
         _say(progress, "demo: 3/4 network inspection, Grad-CAM at every conv layer of the U-Net ...")
         t = time.perf_counter()
         x = torch.from_numpy(seg.image)[None]
-        output = _forward(models["segment"].model, x, device)
         truth = prepare_case(case, models["segment"].model, models["segment"].config, True, p.crop, centre).seg
-        choices = [c for c in choose_targets("segment", "all", output, models["segment"].config, region, truth)
-                   if c.target is not None]
-        if choices:
-            choice = next((c for c in choices if c.label == "WT"), choices[0])
-            seg.layers, seg.layer_labels, table = layer_by_layer(models["segment"], x, choice.target, output, device)
-            seg.settings["inspection"] = {"target": choice.label, "pooling": choice.pooling, "layers": table}
-        else:
-            seg.settings["inspection"] = {"skipped": "the U-Net predicts none of its regions on this subject"}
+        with open_case(models["segment"], x, "segment", "all", device, region, truth, case.name) as (run, choices):
+            explainable = [c for c in choices if c.target is not None]
+            if explainable:
+                choice = next((c for c in explainable if c.label == "WT"), explainable[0])
+                seg.layers, seg.layer_labels, table = layer_by_layer(
+                    run if choice is explainable[0] else run.retarget(choice.target))
+                seg.settings["inspection"] = {"target": choice.label, "pooling": choice.pooling, "layers": table}
+            else:
+                seg.settings["inspection"] = {"skipped": "the U-Net predicts none of its regions on this subject"}
         timings["inspection"] = time.perf_counter() - t
 
         _say(progress, "demo: 4/4 tumour vs no tumour, 2D slice CNN, CXAI's stage 2 ...")

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, has_guided_activations
+from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, guided_types, has_guided_activations
+from .memory import MemoryBudgetError, available_bytes, format_bytes
+from .model_outputs import select_output
 from .targets import BoundTarget
 
-__all__ = ["Engine", "Gradients", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
+__all__ = ["Engine", "Gradients", "RecordedPass", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # Activations kept for the backward pass plus their gradients, and autograd's
@@ -30,8 +32,12 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 # (CPU and CUDA) the peak stays below 3x the summed leaf-module outputs.
 _BACKWARD_OVERHEAD = 3.0
 _SCRIPTED_ACTIVATION_FACTOR = 64
+# A row whose input, times this, fits the budget is sized by running the model on it (cheap, exact);
+# a larger one is sized on the meta device first (shapes only, no memory), so it is refused before it runs.
+_REAL_PROBE_FACTOR = 64
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+          "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
+          "TIB": 1024**4}
 
 
 def parse_memory(budget: int | float | str) -> int:
@@ -123,24 +129,33 @@ class LayerInfo:
 
 
 @dataclass
-class _PendingPass:
-    """A forward pass kept with its autograd graph for the next :meth:`Engine.gradients` call.
+class RecordedPass:
+    """A forward pass over rows, kept with its autograd graph for one backward pass.
 
-    ``outputs`` maps each module to its output and that tensor's version counter
-    (``None`` if the module ran more than once or returned no tensor), so that any
-    layer can be captured after the fact unless an in-place operation changed it.
+    :meth:`Engine.record` makes it and :meth:`Engine.backward_recorded` uses it, once:
+    it serves a plain or a guided backward (its activations carry switchable
+    guided-backprop hooks) and gives up the output of any layer that ran once,
+    unless an in-place operation changed that output after the layer returned it.
+    Whoever holds it decides which request it serves; the engine keeps no reference.
     """
 
-    x: Tensor  # the rows as given: the next call must pass this very tensor
     leaf: Tensor  # the rows on the device, requiring grad
     output: Tensor
-    outputs: dict[nn.Module, tuple[Tensor, int] | None]
     trace: list[LayerInfo]
-    guided: SwitchableGuidedReLU
+    # module -> (its output, that output's grad_fn when the module returned it); None if
+    # the module ran more than once or returned no tensor
+    outputs: dict[nn.Module, tuple[Tensor, object] | None]
+    guide: SwitchableGuidedReLU
 
     def activation(self, layer: nn.Module) -> Tensor | None:
+        """``layer``'s output in this pass, or None if it cannot serve a gradient request.
+
+        An in-place operation on a tensor in the graph gives it a new ``grad_fn``, so an
+        output whose ``grad_fn`` is no longer the one it was returned with was changed
+        later in the forward pass (e.g. by ``ReLU(inplace=True)``); a fresh pass is needed.
+        """
         entry = self.outputs.get(layer)
-        if entry is None or entry[0]._version != entry[1]:
+        if entry is None or not entry[0].requires_grad or entry[0].grad_fn is not entry[1]:
             return None
         return entry[0]
 
@@ -154,14 +169,22 @@ class Engine:
         batch_size: rows per forward/backward pass; overrides ``memory_budget``.
         memory_budget: bytes (or ``"2GB"``) that one pass may use; the rows per
             pass are estimated from the sizes of the model's intermediate outputs.
+            A row that alone needs more is refused (:class:`~voxplain.memory.MemoryBudgetError`)
+            before it runs; without a budget (2 GB for chunking) such a row runs alone if
+            the device has the memory free.
         progress: show progress bars for long loops.
+        output_key: for a model returning a tuple, list or dict, the index or key of
+            the tensor to explain.
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
-    prepares the model, leaving restores it.
+    prepares the model, leaving restores it. The engine keeps no passes between
+    calls: every call runs the model afresh, except :meth:`backward_recorded`,
+    which uses a pass its caller kept (see :class:`RecordedPass`). Every model call
+    goes through :meth:`_call_model`.
     """
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
-                 memory_budget: int | str | None = None, progress: bool = False) -> None:
+                 memory_budget: int | str | None = None, progress: bool = False, output_key=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -173,11 +196,12 @@ class Engine:
         self.device = resolve_device(device, model)
         self.batch_size = batch_size
         self.memory_budget = parse_memory(memory_budget) if memory_budget is not None else DEFAULT_MEMORY_BUDGET
+        self.budget_given = memory_budget is not None
+        self.output_key = output_key
         self.progress = progress
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
         self._depth = 0
-        self._pending: _PendingPass | None = None
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -197,21 +221,20 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            self._pending = None
         if self._depth == 0 and self._state is not None:
             self._state.restore()
             self._state = None
 
     @contextlib.contextmanager
-    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool = False) -> Iterator[LayerCapture]:
-        if self.scripted and (layers or guided):
-            self._refuse_scripted("guided backpropagation" if guided else "capturing a layer")
+    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False) -> Iterator[LayerCapture]:
+        types = guided_types(guided)
+        if self.scripted and (layers or types):
+            self._refuse_scripted("guided backpropagation" if types else "capturing a layer")
         hooks = HookSet()
         capture = LayerCapture(layers)
         try:
-            if guided:
-                GuidedReLU(self.model).install(hooks)
+            if types:
+                GuidedReLU(self.model, types).install(hooks)
             capture.install(hooks)
             yield capture
         finally:
@@ -221,19 +244,51 @@ class Engine:
         if self._depth == 0:
             raise RuntimeError("use the Engine inside a `with engine:` block")
 
+    def _call_model(self, x: Tensor) -> Tensor:
+        """The model on rows ``x`` (already on the device): the one place the model is called.
+
+        Returns the tensor the model returns, or the one :attr:`output_key` selects from its
+        tuple, list or dict (:func:`~voxplain.model_outputs.select_output`).
+        """
+        return select_output(self.model(x), self.output_key)
+
     # -- chunking ----------------------------------------------------------
     def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
-        """How many rows of shape (C, *spatial) one pass may take."""
+        """How many rows of shape (C, *spatial) one pass may take.
+
+        Raises :class:`~voxplain.memory.MemoryBudgetError` when a single row needs more
+        than the memory budget given (or, with no budget given, more than the device has free).
+        """
         if self.batch_size is not None:
             return self.batch_size
         per_row = self._estimate_row_bytes(tuple(row_shape))
         if not backward:
             per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
-        return max(1, int(self.memory_budget // per_row))
+        rows = int(self.memory_budget // per_row)
+        if rows < 1:
+            self._check_one_row_fits(tuple(row_shape), per_row, backward)
+        return max(1, rows)
+
+    def _check_one_row_fits(self, row_shape: tuple[int, ...], per_row: int, backward: bool) -> None:
+        pass_kind = "forward and backward pass" if backward else "forward pass"
+        need = (f"one input row of shape {row_shape} needs about {format_bytes(per_row)} for a {pass_kind} "
+                "(estimated from the sizes of the model's layer outputs)")
+        advice = "crop or downsample the input, or use a machine with more memory"
+        if self.budget_given:
+            raise MemoryBudgetError(f"{need}, more than memory_budget={format_bytes(self.memory_budget)}; "
+                                    f"raise memory_budget (--memory-budget) or {advice}")
+        free = available_bytes(self.device)
+        if free is not None and per_row > free:
+            raise MemoryBudgetError(f"{need}, more than the {format_bytes(free)} free on {self.device}; {advice}")
+
+    def _is_large_row(self, row_shape: Sequence[int]) -> bool:
+        """Whether running the model on one row just to size it could itself use too much memory."""
+        return 4 * math.prod(row_shape) * _REAL_PROBE_FACTOR > self.memory_budget
 
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
-        if n_rows == 1:  # nothing to split: skip the size estimate (a forward pass of its own)
+        if n_rows == 1 and (self.batch_size is not None or not self._is_large_row(row_shape)):
+            # nothing to split and nothing to refuse: skip the size estimate
             yield slice(0, n_rows)
             return
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
@@ -243,30 +298,64 @@ class Engine:
         for start in range(0, n_rows, step):
             yield slice(start, min(n_rows, start + step))
 
+    def fits_one_pass(self, x: Tensor) -> bool:
+        """True if the rows ``x`` fit one forward/backward pass.
+
+        A large row is sized first without running the model on it, so one that does not
+        fit at all is refused here (:class:`~voxplain.memory.MemoryBudgetError`).
+        """
+        row = tuple(x.shape[1:])
+        if self.batch_size is None and self._is_large_row(row):
+            self.rows_per_pass(row)
+        return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(row)
+
     def _estimate_row_bytes(self, row_shape: tuple[int, ...]) -> int:
         if row_shape not in self._row_bytes and self.scripted:
             # no hooks to measure intermediate outputs: assume a conv net's activations
             # take _SCRIPTED_ACTIVATION_FACTOR times the input
             self._set_row_bytes(row_shape, _SCRIPTED_ACTIVATION_FACTOR * 4 * math.prod(row_shape))
         if row_shape not in self._row_bytes:
-            total = 0
-
-            def count(module, inputs, output):
-                nonlocal total
-                if isinstance(output, Tensor):
-                    total += output.numel() * output.element_size()
-
-            hooks = HookSet()
-            try:
-                for m in self.model.modules():
-                    if not any(True for _ in m.children()):
-                        hooks.add(m.register_forward_hook(count))
-                with torch.no_grad():
-                    self.model(torch.zeros((1, *row_shape), device=self.device))
-            finally:
-                hooks.remove()
+            total = None
+            if self._is_large_row(row_shape):
+                total = self._leaf_output_bytes(row_shape, on_meta=True)
+            if total is None:
+                total = self._leaf_output_bytes(row_shape, on_meta=False)
             self._set_row_bytes(row_shape, total)
         return self._row_bytes[row_shape]
+
+    def _leaf_output_bytes(self, row_shape: tuple[int, ...], on_meta: bool) -> int | None:
+        """Summed output sizes of the leaf modules for one row.
+
+        ``on_meta``: propagate shapes on the meta device (no memory, nothing computed);
+        returns None if the model cannot run there (e.g. it reads values).
+        """
+        from torch.func import functional_call
+
+        total = 0
+
+        def count(module, inputs, output):
+            nonlocal total
+            if isinstance(output, Tensor):
+                total += output.numel() * output.element_size()
+
+        hooks = HookSet()
+        try:
+            for m in self.model.modules():
+                if not any(True for _ in m.children()):
+                    hooks.add(m.register_forward_hook(count))
+            with torch.no_grad():
+                if on_meta:
+                    state = {name: torch.empty_like(t, device="meta") for name, t in
+                             [*self.model.named_parameters(), *self.model.named_buffers()]}
+                    try:
+                        functional_call(self.model, state, (torch.zeros((1, *row_shape), device="meta"),))
+                    except Exception:  # noqa: BLE001 - any failure on meta means: measure for real instead
+                        return None
+                else:
+                    self._call_model(torch.zeros((1, *row_shape), device=self.device))
+        finally:
+            hooks.remove()
+        return total
 
     def _set_row_bytes(self, row_shape: tuple[int, ...], leaf_output_bytes: int) -> None:
         input_bytes = 4 * math.prod(row_shape)
@@ -274,39 +363,34 @@ class Engine:
         self._row_bytes[row_shape] = int(_BACKWARD_OVERHEAD * leaf_output_bytes + 4 * input_bytes) + 1
 
     # -- evaluation --------------------------------------------------------
-    def forward(self, x: Tensor, keep_graph: bool = False) -> Tensor:
-        """The model's output on ``x`` (detached), chunked.
-
-        With ``keep_graph=True``, when ``x`` fits one pass, the pass is recorded with
-        its autograd graph and the next :meth:`gradients` call on this same tensor
-        ``x`` reuses it (plain or guided, with any layers captured) instead of running
-        the model again; any other evaluation call drops it. This is how an
-        explanation fixes its target and gets its first gradients from one forward.
-        """
+    def forward(self, x: Tensor) -> Tensor:
+        """The model's output on ``x`` (no gradient), chunked."""
         self._require_prepared()
-        self._pending = None
-        if keep_graph and not self.scripted and (x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(x.shape[1:])):
-            self._pending = self._recorded_forward(x)
-            return self._pending.output.detach()
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
-                outs.append(self.model(x[sl].to(self.device)))
+                outs.append(self._call_model(x[sl].to(self.device)))
         return torch.cat(outs)
 
     def scores(self, x: Tensor, target: BoundTarget, sample_index: Tensor) -> Tensor:
         """Target scores (N,) of rows ``x`` (no gradient), chunked."""
         self._require_prepared()
-        self._pending = None
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
-                out = self.model(x[sl].to(self.device))
+                out = self._call_model(x[sl].to(self.device))
                 outs.append(target.score(out, sample_index[sl].to(self.device)))
         return torch.cat(outs)
 
+    def activations(self, x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
+        """The outputs of ``layers`` on rows ``x`` (no gradient, one pass)."""
+        self._require_prepared()
+        with torch.no_grad(), self._hooks(layers) as capture:
+            self._call_model(x.to(self.device))
+            return [a.detach() for a in capture.activations()]
+
     def gradients(self, x: Tensor, target: BoundTarget, sample_index: Tensor, *,
-                  layers: Sequence[nn.Module] = (), guided: bool = False,
+                  layers: Sequence[nn.Module] = (), guided: bool | str = False,
                   input_gradient: bool = True) -> Gradients:
         """Scores and gradients of the target for every row of ``x``, chunked.
 
@@ -315,33 +399,28 @@ class Engine:
             target: the bound target that scores each row.
             sample_index: (N,) the original sample each row derives from.
             layers: modules whose outputs and output gradients are returned too.
-            guided: use guided backpropagation through ReLU-family modules.
+            guided: guided backpropagation through the activation set named (see
+                :data:`voxplain.hooks.GUIDED_SETS`; ``True`` is the default set).
             input_gradient: also return dF/dx (False when only layers are needed).
         """
         self._require_prepared()
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.x is x:
-            acts = [pending.activation(layer) for layer in layers]
-            if all(a is not None for a in acts):
-                pending.guided.guided = guided
-                try:
-                    return self._backward(pending.leaf, pending.output, acts, target, sample_index,
-                                          input_gradient)
-                finally:
-                    pending.guided.guided = False
-        del pending  # free its graph before the next pass
         parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
 
-    def release_graph(self) -> None:
-        """Drop the pass kept by ``forward(..., keep_graph=True)`` if no call has used it."""
-        self._pending = None
+    def record(self, x: Tensor) -> RecordedPass:
+        """One forward pass over ``x`` (which must fit one pass), kept with its graph.
 
-    def _recorded_forward(self, x: Tensor) -> _PendingPass:
+        Every module's output is kept (to be captured after the fact) and every
+        guidable activation carries a switchable guided-backprop hook. A recorded
+        pass of one row also fills in the memory estimate for its row shape.
+        """
+        self._require_prepared()
+        if self.scripted:
+            self._refuse_scripted("recording a pass")
         names = {m: n for n, m in self.model.named_modules()}
         trace: list[LayerInfo] = []
-        outputs: dict[nn.Module, tuple[Tensor, int] | None] = {}
+        outputs: dict[nn.Module, tuple[Tensor, object] | None] = {}
         leaf_bytes = 0
 
         def record(module, inputs, output):
@@ -350,31 +429,51 @@ class Engine:
             if is_tensor and not any(True for _ in module.children()):
                 leaf_bytes += output.numel() * output.element_size()
             trace.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
-            outputs[module] = (output, output._version) if is_tensor and module not in outputs else None
+            outputs[module] = (output, output.grad_fn) if is_tensor and module not in outputs else None
 
         leaf = x.detach().to(self.device).requires_grad_(True)
-        guided = SwitchableGuidedReLU(self.model)
+        guide = SwitchableGuidedReLU(self.model)
         hooks = HookSet()
         try:
             for m in self.model.modules():
                 if m is not self.model:
                     hooks.add(m.register_forward_hook(record))
-            guided.install(hooks)
+            guide.install(hooks)
             with torch.enable_grad():
-                out = self.model(leaf)
+                out = self._call_model(leaf)
         finally:
             hooks.remove()
         row_shape = tuple(x.shape[1:])
         if x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
             self._set_row_bytes(row_shape, leaf_bytes)
-        return _PendingPass(x, leaf, out, outputs, trace, guided)
+        if self.batch_size is None:
+            self.rows_per_pass(row_shape)  # refuses a row that does not fit (measured by this very pass)
+        return RecordedPass(leaf, out, trace, outputs, guide)
+
+    def backward_recorded(self, recorded: RecordedPass, target: BoundTarget, sample_index: Tensor, *,
+                          layers: Sequence[nn.Module] = (), guided: bool | str = False,
+                          input_gradient: bool = True) -> Gradients | None:
+        """Like :meth:`gradients` on the rows of ``recorded``, from its kept graph; None when a
+        layer's output cannot be taken from it (run :meth:`gradients` instead).
+
+        The graph is freed by the backward pass: use a recorded pass once.
+        """
+        self._require_prepared()
+        acts = [recorded.activation(layer) for layer in layers]
+        if any(a is None for a in acts):
+            return None
+        recorded.guide.types = guided_types(guided)
+        try:
+            return self._backward(recorded.leaf, recorded.output, acts, target, sample_index, input_gradient)
+        finally:
+            recorded.guide.types = ()
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
-                       layers: Sequence[nn.Module], guided: bool, input_gradient: bool) -> Gradients:
+                       layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
         # The input always carries the graph: layer gradients need it even when dF/dx is not asked for.
         x = x.detach().to(self.device).requires_grad_(True)
         with torch.enable_grad(), self._hooks(layers, guided) as capture:
-            out = self.model(x)
+            out = self._call_model(x)
             acts = capture.activations()
             return self._backward(x, out, acts, target, sample_index, input_gradient)
 
@@ -401,8 +500,6 @@ class Engine:
         self._require_prepared()
         if self.scripted:
             self._refuse_scripted("tracing its layers")
-        if self._pending is not None and self._pending.x is x and x.shape[0] == 1:
-            return list(self._pending.trace)
         names = {m: n for n, m in self.model.named_modules()}
         seen: list[LayerInfo] = []
 
@@ -416,7 +513,7 @@ class Engine:
                 if m is not self.model:
                     hooks.add(m.register_forward_hook(record))
             with torch.no_grad():
-                self.model(x[:1].to(self.device))
+                self._call_model(x[:1].to(self.device))
         finally:
             hooks.remove()
         return seen
@@ -429,9 +526,9 @@ class Engine:
             "the model as a voxplain checkpoint or module:factory + weights"
         )
 
-    def has_guided_activations(self) -> bool:
-        """True if the model has activation modules that guided backpropagation can rewrite."""
-        return has_guided_activations(self.model)
+    def has_guided_activations(self, guided: bool | str = True) -> bool:
+        """True if the model has activation modules that guided backpropagation (of that set) can rewrite."""
+        return has_guided_activations(self.model, guided_types(guided))
 
     def progress_bar(self, total: int, desc: str):
         """A tqdm bar when progress is on, else a silent stand-in with the same ``update``/``close``."""

@@ -20,14 +20,35 @@ from collections.abc import Iterable
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["GUIDED_ACTIVATIONS", "LayerCapture", "GuidedReLU", "SwitchableGuidedReLU", "HookSet",
-           "has_guided_activations"]
+__all__ = ["GUIDED_ACTIVATIONS", "GUIDED_SETS", "guided_types", "LayerCapture", "GuidedReLU",
+           "SwitchableGuidedReLU", "HookSet", "has_guided_activations"]
 
-#: Activation module types whose backward pass guided backpropagation rewrites.
-#: All keep the sign of their input, so the forward output's sign is the input's.
+#: Activation module types whose backward pass guided backpropagation rewrites by default
+#: (the ``"relu_family"`` set). All keep the sign of their input, so the forward output's
+#: sign is the input's, and all pass little or no signal for negative inputs.
 GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.RReLU,
 )
+
+#: The activation sets a guided pass can rewrite, by option name: ``"relu_family"``
+#: (default) or ``"relu"`` (``nn.ReLU`` only, as Captum's ``GuidedBackprop``).
+GUIDED_SETS: dict[str, tuple[type[nn.Module], ...]] = {
+    "relu_family": GUIDED_ACTIVATIONS,
+    "relu": (nn.ReLU,),
+}
+
+
+def guided_types(guided: bool | str | None) -> tuple[type[nn.Module], ...]:
+    """The module types a pass guides: none for ``False``/``None``, the default set for ``True``,
+    else the set named ``guided`` (see :data:`GUIDED_SETS`)."""
+    if guided is None or guided is False:
+        return ()
+    if guided is True:
+        return GUIDED_ACTIVATIONS
+    if isinstance(guided, str) and guided in GUIDED_SETS:
+        return GUIDED_SETS[guided]
+    raise ValueError(f"guided activations must be one of {', '.join(repr(k) for k in GUIDED_SETS)}, "
+                     f"got {guided!r}")
 
 
 class HookSet:
@@ -86,10 +107,10 @@ class LayerCapture:
 
 
 class GuidedReLU:
-    """Rewrites the backward pass of ReLU-family modules for guided backpropagation."""
+    """Rewrites the backward pass of the activation modules of ``types`` for guided backpropagation."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.modules = [m for m in model.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    def __init__(self, model: nn.Module, types: tuple[type[nn.Module], ...] = GUIDED_ACTIVATIONS) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, types)] if types else []
 
     def install(self, hooks: HookSet) -> None:
         for m in self.modules:
@@ -106,15 +127,16 @@ def _guided_forward_hook(module: nn.Module, inputs, output: Tensor) -> None:
 
 
 class SwitchableGuidedReLU(GuidedReLU):
-    """Guided-backprop hooks whose rule applies only while :attr:`guided` is True at backward time.
+    """Guided-backprop hooks on every activation any guided set names, whose rule applies
+    at backward time only to the modules of the types in :attr:`types` (none by default).
 
     One forward pass recorded with these hooks can then serve either a plain or a
-    guided backward pass, whichever is asked for first.
+    guided backward pass (with either activation set), whichever is asked for first.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.guided = False
+        super().__init__(model, tuple({t: None for types in GUIDED_SETS.values() for t in types}))
+        self.types: tuple[type[nn.Module], ...] = ()
 
     def install(self, hooks: HookSet) -> None:
         for m in self.modules:
@@ -124,10 +146,14 @@ class SwitchableGuidedReLU(GuidedReLU):
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
         positive = output.detach() > 0
-        output.register_hook(lambda grad: grad.clamp(min=0) * positive if self.guided else None)
+
+        def rule(grad: Tensor) -> Tensor | None:
+            return grad.clamp(min=0) * positive if self.types and isinstance(module, self.types) else None
+
+        output.register_hook(rule)
 
 
-def has_guided_activations(model: nn.Module) -> bool:
-    """True if guided backpropagation would change anything in ``model``."""
-    return any(isinstance(m, GUIDED_ACTIVATIONS) for m in model.modules())
+def has_guided_activations(model: nn.Module, types: tuple[type[nn.Module], ...] = GUIDED_ACTIVATIONS) -> bool:
+    """True if guided backpropagation through ``types`` would change anything in ``model``."""
+    return bool(types) and any(isinstance(m, types) for m in model.modules())
 

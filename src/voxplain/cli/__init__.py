@@ -8,11 +8,17 @@ Each subcommand lives in its own module exposing ``HELP`` (one line),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import warnings
+from pathlib import Path
 
-__all__ = ["main", "SUBCOMMANDS", "UserError"]
+__all__ = ["main", "SUBCOMMANDS", "UserError", "Terminated"]
+
+_PACKAGE = Path(__file__).resolve().parent.parent  # the voxplain package folder
 
 #: subcommand name -> module (relative to this package), in the order shown by --help
 SUBCOMMANDS: dict[str, str] = {
@@ -28,6 +34,33 @@ SUBCOMMANDS: dict[str, str] = {
 
 class UserError(Exception):
     """An error caused by the command's input; printed as one line, exit code 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised like Ctrl-C's KeyboardInterrupt so that half-written outputs are removed."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """While a command runs, SIGTERM unwinds it (cleaning up) instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, MemoryError) or isinstance(err, getattr(torch, "OutOfMemoryError", ()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +86,44 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 1
-    if getattr(args, "quiet", False):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        if getattr(args, "quiet", False):
+            warnings.simplefilter("ignore")
+        warnings.showwarning = _show_warning
+        return _run(parser, args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """voxplain's own warnings as one line for the user (no source line); others as Python shows them."""
+    out = file if file is not None else sys.stderr
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        out.write(f"voxplain: warning: {message}\n")
+    else:
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
-        return int(args._module.run(args) or 0)
+        with _sigterm_as_exception():
+            return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         print("voxplain: interrupted", file=sys.stderr)
         return 130
-    except (UserError, ValueError, TypeError, IndexError, FileNotFoundError, RuntimeError, OSError) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        print(f"voxplain {args.command}: error: {reason}", file=sys.stderr)
-        return 2
+    except Terminated:
+        print("voxplain: terminated", file=sys.stderr)
+        return 143
+    except (MemoryError, RuntimeError) as err:
+        if _out_of_memory(err):
+            print(f"voxplain {args.command}: error: out of memory ({type(err).__name__}); lower --memory-budget "
+                  "or --batch-size, give fewer steps or samples, or crop the input", file=sys.stderr)
+            return 2
+        return _report(args.command, err)
+    except (UserError, ValueError, TypeError, IndexError, FileNotFoundError, OSError) as err:
+        return _report(args.command, err)
+
+
+def _report(command: str, err: BaseException) -> int:
+    """Print a user-fixable error as one line; exit code 2."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    print(f"voxplain {command}: error: {reason}", file=sys.stderr)
+    return 2

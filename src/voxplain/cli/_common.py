@@ -10,7 +10,7 @@ import sys
 from . import UserError
 
 __all__ = ["add_model_input_arguments", "add_region_argument", "add_run_arguments", "parse_options", "parse_methods",
-           "command_line", "REGION_HELP"]
+           "parse_output_key", "command_line", "MODEL_HELP", "REGION_HELP"]
 
 #: what --region means, shared by explain, inspect and demo
 REGION_HELP = ("segmentation: the voxels a class channel is averaged over to make the explained score: "
@@ -19,16 +19,21 @@ REGION_HELP = ("segmentation: the voxels a class channel is averaged over to mak
                "explains background) or 'label' (the case's ground-truth segmentation of that class/region). "
                "A class with an empty region is skipped and the report says why")
 
+#: what --model accepts, and which kinds run code (shared by explain, inspect and evaluate)
+MODEL_HELP = ("a voxplain checkpoint folder; a shipped model by name: demo-unet, demo-grade, demo-slices (a local "
+              "folder of that name wins); 'module:factory' or 'file.py:factory' with --weights (imports and runs "
+              "that Python code); or a TorchScript file (it carries code that runs: trusted files only, like a "
+              "MONAI bundle). Weights files are read with weights_only=True")
 
 def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --weights, --input, --task, --target, --out and friends."""
-    parser.add_argument("--model", required=True, metavar="M",
-                        help="voxplain checkpoint folder, 'module:factory' (with --weights) or a TorchScript file")
+    parser.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", help="state_dict file for 'module:factory' (weights_only load)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow loading a whole pickled model (runs code from the file; trusted files only)")
     parser.add_argument("--input", required=True, nargs="+", metavar="X",
-                        help="BraTS case folder, folder of cases, NIfTI file(s) (one channel each) or PNG/JPEG")
+                        help="BraTS case folder, folder of cases, NIfTI file(s) (one channel each) or a 2D image "
+                             "(PNG, JPEG, TIFF; 16-bit kept)")
     parser.add_argument("--task", choices=["classify", "segment"],
                         help="classify: (B, K) output; segment: (B, K, *spatial) output "
                              "(default: from the checkpoint, else classify)")
@@ -39,7 +44,12 @@ def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels-from-4d", action="store_true",
                         help="read a 4D NIfTI file's volumes as input channels (refused otherwise: a 4th axis "
                              "is usually time)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced only when complete)")
+    parser.add_argument("--output-key", metavar="KEY", type=parse_output_key,
+                        help="for a model that returns a tuple/list or dict: the index (e.g. 0) or key (e.g. logits) "
+                             "of the output to explain")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: new, empty, or an earlier output of the same command that holds "
+                             "nothing else (replaced only when complete)")
 
 
 def add_region_argument(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +63,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """--device, --batch-size, --memory-budget, --seed, --quiet."""
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: the model's)")
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per forward/backward pass")
-    parser.add_argument("--memory-budget", metavar="SIZE", help="memory one pass may use, e.g. 2GB (default 2GB)")
+    parser.add_argument("--memory-budget", metavar="SIZE",
+                        help="memory one pass may use, e.g. 512MB, 2GB, 1TB; an input too large for it is refused "
+                             "with its estimated need (default: passes of 2GB, a larger input runs alone if the "
+                             "machine has the memory free)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random methods (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def parse_output_key(text: str) -> int | str:
+    """``--output-key``: an int index when it looks like one, else a dict key."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
 
 
 def parse_methods(text: str, available: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import UserError
 from ..evaluate.cohort import POOLS
-from ._common import parse_options
+from ._common import MODEL_HELP, parse_options
 
 POOL_WORDS = {"predicted": "its predicted voxels", "all": "all voxels", "label": "its ground-truth voxels"}
 
@@ -27,8 +27,9 @@ Writes to --out: metrics.json ({method: {metric: mean}}), metrics_per_case.json,
 metrics.csv, metrics_per_case.csv, curves.json/png, randomisation.json/png and
 report.html (a self-contained method x metric table with the plots).
 
---model is a voxplain checkpoint folder (from `voxplain train`), 'module:factory'
-(+ --weights) or a TorchScript file. --data is a BraTS / phantom cohort folder
+--model is a voxplain checkpoint folder (from `voxplain train`), a shipped model
+(demo-unet, demo-grade, demo-slices), 'module:factory' (+ --weights) or a
+TorchScript file (which carries code: trusted files only). --data is a BraTS / phantom cohort folder
 (grade classifier or region U-Net) or a 2D image folder (no masks: faithfulness,
 PIC, complexity, randomisation only). --demo needs neither: it trains a small 2D
 CNN on a synthetic task with a known target and a shortcut marker (a few minutes
@@ -36,10 +37,10 @@ on two CPU cores; --cases N for fewer cases)."""
 EXAMPLES = """\
 examples:
   voxplain evaluate --demo --out eval-demo
-  voxplain evaluate --model models/demo-grade --data heldout --out eval-grade \\
+  voxplain evaluate --model demo-grade --data heldout --out eval-grade \\
       --methods vanilla_gradient,guided_backprop,integrated_gradients,gradcam,guided_gradcam
-  voxplain evaluate --model models/demo-unet --data heldout --region WT --out eval-unet --cases 20
-  voxplain evaluate --model models/demo-grade --data heldout --out eval --metrics localisation,complexity \\
+  voxplain evaluate --model demo-unet --data heldout --region WT --out eval-unet --cases 20
+  voxplain evaluate --model demo-grade --data heldout --out eval --metrics localisation,complexity \\
       --option integrated_gradients.steps=16"""
 
 #: NeuroXAI's seven methods plus CXAI's XRAI and Blur IG
@@ -49,7 +50,7 @@ DEFAULT_METHODS = ("vanilla_gradient,guided_backprop,integrated_gradients,guided
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain evaluate`."""
-    parser.add_argument("--model", metavar="SPEC", help="checkpoint folder, 'module:factory' or TorchScript file")
+    parser.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", help="state_dict for a 'module:factory' model")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow loading a fully pickled model file (runs code from the file)")
@@ -116,12 +117,12 @@ def _load(args):
         return model, cases, len(cases), f"voxplain evaluation: demo (accuracy {acc:.2f})"
     if not args.model or not args.data:
         raise UserError("give --model and --data (or --demo)")
-    from ..models.checkpoint import load_model, read_checkpoint_config
+    from ..models.checkpoint import is_checkpoint_path, load_model, read_checkpoint_config, resolve_model_spec
 
     model = load_model(args.model, args.weights, allow_unsafe_pickle=args.allow_unsafe_pickle)
     config = {}
-    path = Path(args.model)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = Path(resolve_model_spec(args.model))
+    if is_checkpoint_path(path):
         config = read_checkpoint_config(path)
     data = Path(args.data)
     if not data.is_dir():
@@ -147,6 +148,7 @@ def _load(args):
 
 def run(args: argparse.Namespace) -> int:
     """Load model and cases, run the metrics, write the output folder."""
+    from ..atomic import check_replaceable
     from ..evaluate.output import write_evaluation
     from ..evaluate.runner import FAMILIES, evaluate_cases
     from ..methods import available_methods
@@ -162,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cases is not None and args.cases < 1:
         raise UserError(f"--cases must be >= 1, got {args.cases}")
     options = parse_options(args.option)
+    check_replaceable(args.out, "evaluate")  # before hours of work, not only when writing
     model, cases, n, title = _load(args)
     if n == 0:
         raise UserError("no cases to evaluate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..methods.registry import DEFAULT_METHODS
 from . import UserError
 from ._common import (add_model_input_arguments, add_region_argument, add_run_arguments, command_line, parse_methods,
                       parse_options)
@@ -25,24 +26,25 @@ NeuroXAI's whole-volume average, --region label the case's ground truth. A class
 the model does not predict at all is skipped, and the report says so.
 Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
 checkpoint says (or padded to the size the network needs); maps are put back on
-the scan's grid."""
+the scan's grid.
+
+--model demo-grade, demo-unet and demo-slices are the small models shipped with
+voxplain (trained on synthetic phantoms); a local folder of the same name wins.
+'module:factory' imports Python code and a TorchScript file carries code that
+runs: load those only from sources you trust."""
 EXAMPLES = """\
 examples:
-  voxplain explain --model models/demo-grade --input BraTS20_001 --task classify --out out/grade
-  voxplain explain --model models/demo-unet --input BraTS20_001 --task segment --target WT,ET \\
+  voxplain explain --model demo-grade --input BraTS20_001 --task classify --out out/grade
+  voxplain explain --model demo-unet --input BraTS20_001 --task segment --target WT,ET \\
       --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
   voxplain explain --model models/demo-unet --input BraTS20_001 --target WT --region all --out out/seg-global
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
   voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
 
-DEFAULT_METHODS = ("vanilla_gradient,guided_backprop,integrated_gradients,guided_ig,smoothgrad,gradcam,"
-                   "guided_gradcam")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain explain`."""
     add_model_input_arguments(parser)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, metavar="LIST",
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), metavar="LIST",
                         help="comma-separated method names, or 'all' (default: NeuroXAI's seven)")
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, repeatable, e.g. guided_ig.steps=50")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                       device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
                       memory_budget=args.memory_budget, region=args.region,
                       allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
-                      channels_from_4d=args.channels_from_4d)
+                      output_key=args.output_key, channels_from_4d=args.channels_from_4d)
     if not args.quiet:
         index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
         print(f"wrote {out}/ (open {index})")
@@ -70,12 +72,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _task_of(model: str) -> str:
     """The checkpoint's task, else classify."""
-    from pathlib import Path
+    from ..models.checkpoint import is_checkpoint_path, read_checkpoint_config, resolve_model_spec
 
-    from ..models.checkpoint import read_checkpoint_config
-
-    path = Path(model)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = resolve_model_spec(model)
+    if is_checkpoint_path(path):
         try:
             return read_checkpoint_config(path).get("task", "classify")
         except (ValueError, FileNotFoundError) as err:

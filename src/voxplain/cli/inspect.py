@@ -19,8 +19,8 @@ Writes figures/inspection_*.png, figures/filters_*.png, NIfTI maps of the first,
 middle and last layer's CAM (volumes), summary.json and report.html to --out."""
 EXAMPLES = """\
 examples:
-  voxplain inspect --model models/demo-unet --input BraTS20_001 --task segment --target WT --out out/inspect
-  voxplain inspect --model models/demo-grade --input BraTS20_001 --layer features.2 --out out/inspect-grade"""
+  voxplain inspect --model demo-unet --input BraTS20_001 --task segment --target WT --out out/inspect
+  voxplain inspect --model demo-grade --input BraTS20_001 --layer features.2 --out out/inspect-grade"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     out = run_inspect(args.model, args.input, args.out, task=args.task or _task_of(args.model), target=args.target,
                       layer=args.layer, weights=args.weights, device=args.device,
                       allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
-                      batch_size=args.batch_size, memory_budget=args.memory_budget, region=args.region,
-                      channels_from_4d=args.channels_from_4d)
+                      batch_size=args.batch_size, memory_budget=args.memory_budget, output_key=args.output_key,
+                      region=args.region, channels_from_4d=args.channels_from_4d)
     if not args.quiet:
         print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0

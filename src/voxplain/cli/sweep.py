@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..sweep import SweepGrid, SweepSettings, prepare_data, run_grid_sweep
+    from ..sweep import SweepGrid, SweepSettings, check_storage, open_sweep_folder, prepare_data, run_grid_sweep
 
     grid = SweepGrid(tuple(args.blocks), tuple(args.batch_sizes), tuple(args.learning_rates))
     epochs = args.epochs or (QUICK["epochs"] if args.quick else 5)
@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None and not args.data.exists():
         raise FileNotFoundError(f"--data {args.data} does not exist")
     progress = not args.quiet
-    args.out.mkdir(parents=True, exist_ok=True)
+    open_sweep_folder(args.out)
+    storage = args.storage or f"sqlite:///{(args.out / 'sweep.db').resolve()}"
+    check_storage(storage)
     data = prepare_data(args.out, args.data, image_size, max_images, args.seed, args.val_fraction, subjects,
                         progress=progress)
     grid.check_against(len(data.train_y), data.image_size)
-    storage = args.storage or f"sqlite:///{(args.out / 'sweep.db').resolve()}"
     settings = SweepSettings(storage=storage, out=str(args.out), data_file=str(args.out / "sweep-data.pt"),
                              blocks=grid.blocks, batch_sizes=grid.batch_sizes, learning_rates=grid.learning_rates,
                              epochs=epochs, seed=args.seed, stale_after=max(2, args.stale_after),
@@ -90,13 +91,17 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     bar = tqdm(total=len(grid), desc="trials", disable=not progress, position=0)
     try:
-        outcome = run_grid_sweep(settings, workers=args.workers, progress_bar=bar)
+        outcome = run_grid_sweep(settings, workers=args.workers, progress_bar=bar, baseline=data.majority_baseline())
     finally:
         bar.close()
     best = outcome.best
     print(f"best: {best.config} (blocks={best.blocks}, batch size={best.batch_size}, lr={best.learning_rate:g}) "
-          f"validation accuracy {best.best_val_accuracy:.4f} at epoch {best.best_epoch}; "
-          f"model in {outcome.best_model}")
+          f"validation accuracy {best.best_val_accuracy:.4f} at epoch {best.best_epoch} (majority-class "
+          f"baseline {outcome.baseline:.4f}); model in {outcome.best_model}")
+    if not outcome.beats_baseline:
+        print(f"warning: the best trial does not beat the majority-class baseline ({outcome.baseline:.4f}): every "
+              "model predicts about as well as always answering the most frequent class; train longer (--epochs), "
+              "on more images (--max-images, --phantom-subjects) or with other learning rates", file=sys.stderr)
     if args.explain_best:
         from ..sweep.stage2 import explain_best
 

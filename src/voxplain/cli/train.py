@@ -125,11 +125,13 @@ def run(args: argparse.Namespace) -> int:
     """Load the data, train, save checkpoint + history + learning curve."""
     import torch
 
+    from ..atomic import check_replaceable
     from ..models import build_model, save_checkpoint, train
     from ..models.curves import plot_history
     from ..models.training_data import augment_training_set, load_training_data
 
     settings = _settings(args)
+    check_replaceable(args.out, "checkpoint")  # before training, not only when saving
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"--data {data} is not a folder")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nifti import NiftiMeta, is_nifti_path, load_nifti
+from .nifti import NiftiMeta, check_same_grid, is_nifti_path, load_nifti
 
 __all__ = ["BratsCase", "load_brats_case", "find_brats_cases", "case_files", "read_subjects_table",
            "MODALITIES", "ALIASES"]
@@ -77,8 +77,9 @@ def case_files(folder: str | os.PathLike) -> dict[str, Path]:
 def load_brats_case(folder: str | os.PathLike, modalities=MODALITIES, require_seg: bool = False) -> BratsCase:
     """Load a BraTS case folder (2020/2021 or 2023 names) into a :class:`BratsCase`.
 
-    A missing modality, modalities of different shapes, or an unreadable file raise
-    an error that names the file (or the missing name). The segmentation is optional
+    A missing modality, modalities (or a segmentation) on different grids (see
+    :func:`~voxplain.data.nifti.check_same_grid`), or an unreadable file raise an
+    error that names the file (or the missing name). The segmentation is optional
     unless ``require_seg``.
     """
     folder = Path(folder)
@@ -98,16 +99,13 @@ def load_brats_case(folder: str | os.PathLike, modalities=MODALITIES, require_se
             raise ValueError(f"{files[m]}: expected a 3D image, got shape {data.shape}")
         if meta is None:
             meta, first = m_meta, files[m]
-        elif data.shape != arrays[0].shape:
-            raise ValueError(f"shape mismatch in case {folder.name}: {files[m].name} is {data.shape} "
-                             f"but {first.name} is {arrays[0].shape}")
+        else:
+            check_same_grid((first, meta, arrays[0].shape), (files[m], m_meta, data.shape))
         arrays.append(data)
     seg = None
     if "seg" in files:
-        labels, _ = load_nifti(files["seg"])
-        if labels.shape != arrays[0].shape:
-            raise ValueError(f"shape mismatch in case {folder.name}: {files['seg'].name} is {labels.shape} "
-                             f"but {first.name} is {arrays[0].shape}")
+        labels, seg_meta = load_nifti(files["seg"])
+        check_same_grid((first, meta, arrays[0].shape), (files["seg"], seg_meta, labels.shape))
         seg = np.rint(labels).astype(np.int16)
         values = set(np.unique(seg).tolist())
         if 3 in values and 4 not in values:  # BraTS 2023 numbering

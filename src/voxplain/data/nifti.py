@@ -28,9 +28,15 @@ from nibabel import orientations as ornt_mod
 
 from ..atomic import atomic_file
 
-__all__ = ["NiftiMeta", "load_nifti", "save_nifti_like", "write_nifti", "is_nifti_path"]
+__all__ = ["NiftiMeta", "load_nifti", "save_nifti_like", "write_nifti", "is_nifti_path", "check_same_grid",
+           "GRID_TOLERANCE_MM"]
 
 _RAS = ornt_mod.axcodes2ornt(("R", "A", "S"))
+
+#: Two images are on one grid when their RAS shapes are equal and their RAS voxel-to-world
+#: matrices differ by at most this much in every element (mm for the origin, mm per voxel for
+#: the axes): far below any voxel, above the float rounding of headers written by different tools.
+GRID_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,28 @@ def is_nifti_path(path: str | os.PathLike) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+def check_same_grid(reference: tuple[str | os.PathLike, NiftiMeta, tuple[int, ...]],
+                    other: tuple[str | os.PathLike, NiftiMeta, tuple[int, ...]]) -> None:
+    """Refuse to stack ``other`` with ``reference`` unless both are on one voxel grid.
+
+    Each is ``(path, meta, RAS spatial shape)`` as :func:`load_nifti` returns them. The
+    grids must have the same shape and RAS voxel-to-world matrices equal within
+    :data:`GRID_TOLERANCE_MM`; files stored in different orientations are fine when
+    they describe the same grid (they are compared after reorientation to RAS).
+    """
+    (ref_path, ref_meta, ref_shape), (path, meta, shape) = reference, other
+    ref_name, name = Path(ref_path).name, Path(path).name
+    if tuple(shape) != tuple(ref_shape):
+        raise ValueError(f"{name} is not on the same grid as {ref_name}: shape mismatch, {tuple(shape)} vs "
+                         f"{tuple(ref_shape)} (after reorientation to RAS); resample it onto {ref_name}'s grid first")
+    diff = float(np.abs(meta.ras_affine - ref_meta.ras_affine).max())
+    if diff > GRID_TOLERANCE_MM:
+        raise ValueError(f"{name} is not on the same grid as {ref_name}: their voxel-to-world matrices (affines, "
+                         f"compared in RAS order) differ by up to {diff:.4g} mm, more than the {GRID_TOLERANCE_MM} "
+                         f"mm allowed, so the images would be stacked out of register; resample it onto "
+                         f"{ref_name}'s grid first")
+
+
 def load_nifti(path: str | os.PathLike, channels_from_4d: bool = False) -> tuple[np.ndarray, NiftiMeta]:
     """Read a 3D NIfTI file (``.nii`` or ``.nii.gz``, any data type and orientation), or a 4D one on request.
 
@@ -125,6 +153,10 @@ def load_nifti(path: str | os.PathLike, channels_from_4d: bool = False) -> tuple
     if not np.isfinite(data).all():
         raise ValueError(f"{path} contains NaN or infinite values")
     affine = np.asarray(img.affine, dtype=float)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in affine[:3])
+        raise ValueError(f"{path}: its affine (voxel-to-world matrix) is singular or not finite ({rows}), so "
+                         "the voxel axes have no orientation or size; fix the header's sform/qform (or pixdim)")
     meta = NiftiMeta(path, affine, tuple(int(s) for s in data.shape[:3]), ornt_mod.io_orientation(affine),
                      img.header.copy())
     data = ornt_mod.apply_orientation(data, meta._to_ras())

@@ -339,7 +339,7 @@ def generate_cohort(out_dir: str | os.PathLike, subjects: int = 10, seed: int = 
 
     rows = []
     try:
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_dir(out_dir, kind="phantom", overwrite=overwrite) as tmp:
             # subjects are independent (one seed each), so threads change the speed, not the bytes
             pool = ThreadPoolExecutor(max(1, min(int(workers), int(subjects))))
             try:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..run import as_batch_tensor
+
 __all__ = ["as_map", "as_mask", "voxel_relevance", "REDUCTIONS"]
 
 #: how a map's channels become one relevance per voxel
@@ -20,15 +22,7 @@ REDUCTIONS = ("abs", "positive", "signed")
 
 def as_map(attribution, name: str = "attribution") -> Tensor:
     """``attribution`` as a finite float32 CPU tensor of shape (B, C, *spatial)."""
-    if isinstance(attribution, np.ndarray):
-        attribution = torch.from_numpy(attribution)
-    if not isinstance(attribution, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, *spatial), "
-                        f"got {type(attribution).__name__}")
-    if not 3 <= attribution.ndim <= 5:
-        raise ValueError(f"{name} must have shape (B, C, *spatial) with 1 to 3 spatial dimensions, "
-                         f"got shape {tuple(attribution.shape)}")
-    a = attribution.detach().to("cpu", torch.float32)
+    a = as_batch_tensor(attribution, name).detach().to("cpu", torch.float32)
     if not bool(torch.isfinite(a).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return a

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_map, voxel_relevance
-from ._model import Prepared, blur, prepared
+from ..methods.blur_ig import gaussian_blur
+from ..run import Run, open_run
 
 __all__ = ["PerturbationCurves", "perturbation_curves", "deletion", "insertion", "make_baseline",
            "relevance_order"]
@@ -67,7 +68,7 @@ def make_baseline(x: Tensor, baseline="zero", blur_sigma: float = 5.0) -> Tensor
     if baseline == "mean":
         return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True).expand_as(x).clone()
     if baseline == "blur":
-        return blur(x, blur_sigma)
+        return gaussian_blur(x, blur_sigma)
     raise ValueError(f"baseline must be 'zero', 'mean', 'blur', a number or a tensor, got {baseline!r}")
 
 
@@ -88,7 +89,7 @@ def _check_map(attribution: Tensor, x: Tensor) -> None:
                          f"{tuple(x.shape)}: expected (B, C or 1, *spatial) with the same B and spatial size")
 
 
-def curves_on(p: Prepared, attribution, mode: str = "deletion", steps: int = 20, baseline="zero",
+def curves_on(p: Run, attribution, mode: str = "deletion", steps: int = 20, baseline="zero",
               blur_sigma: float = 5.0, reduce: str = "abs", seed: int = 0) -> PerturbationCurves:
     """Deletion or insertion curves with an already prepared engine and bound target."""
     if mode not in MODES:
@@ -118,7 +119,7 @@ def curves_on(p: Prepared, attribution, mode: str = "deletion", steps: int = 20,
             rows = torch.where(changed, base[s_idx], x[s_idx])
         else:
             rows = torch.where(changed, x[s_idx], base[s_idx])
-        scores[sl] = engine.scores(rows, p.target, p.sample_index[s_idx]).double().cpu()
+        scores[sl] = p.scores(rows, p.sample_index[s_idx]).double().cpu()
         bar.update(len(s_idx))
     bar.close()
     curve = scores.reshape(b, steps + 1).numpy()
@@ -135,7 +136,8 @@ def perturbation_curves(model: nn.Module, x, attribution, target=None, mode: str
     ``target`` is bound to the model's output on ``x`` as in :func:`voxplain.explain`
     (default: the predicted class); the model comes back unchanged.
     """
-    with prepared(model, x, target, device, batch_size, memory_budget, progress) as p:
+    with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                  progress=progress) as p:
         return curves_on(p, attribution, mode, steps, baseline, blur_sigma, reduce, seed)
 
 

@@ -186,7 +186,7 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike, title
     metrics = result.metric_names()
     curves_png = _curves_figure(result)
     rand_png = _randomisation_figure(result)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, kind="evaluate", overwrite=overwrite) as tmp:
         _dump(tmp / "metrics.json", summary)
         _dump(tmp / "metrics_per_case.json", {"cases": result.cases, "per_case": result.per_case,
                                               "counts": counts, "settings": result.settings})

@@ -53,7 +53,8 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import as_map, voxel_relevance
-from ._model import Prepared, blur, prepared
+from ..methods.blur_ig import gaussian_blur
+from ..run import Run, open_run
 
 __all__ = ["PicResult", "AggregatePic", "pic_curves", "pic_on", "pic_metrics_on", "aggregate_pic", "sparse_fill",
            "information", "random_mask", "DEFAULT_THRESHOLDS"]
@@ -169,30 +170,30 @@ def information(image: np.ndarray, lo: np.ndarray, hi: np.ndarray, estimator: st
     raise ValueError(f"estimator must be 'auto', 'webp', 'zlib' or 'lzma', got {estimator!r}")
 
 
-def _predictions(p: Prepared, rows: Tensor, sample: int, metric: str) -> np.ndarray:
+def _predictions(p: Run, rows: Tensor, sample: int, metric: str) -> np.ndarray:
     idx = torch.full((rows.shape[0],), sample, device=p.x.device, dtype=torch.long)
     classes = getattr(p.target, "classes", None)
     if metric == "sic":
         if p.output.ndim == 2 and classes is not None:
-            out = p.engine.forward(rows)
+            out = p.forward(rows)
             prob = torch.sigmoid(out) if out.shape[1] == 1 else torch.softmax(out, dim=1)
             return prob[:, int(classes[sample])].double().cpu().numpy()
-        return p.engine.scores(rows, p.target, idx).double().cpu().numpy()
+        return p.scores(rows, idx).double().cpu().numpy()
     if p.output.ndim != 2 or classes is None:
         raise ValueError("AIC needs a classification model with a (B, K) output and a class target; "
                          f"the model's output has shape {tuple(p.output.shape)}")
-    out = p.engine.forward(rows)
+    out = p.forward(rows)
     if out.shape[1] == 1:  # one logit: the decision is its sign, compared with the original's
         return ((out[:, 0] > 0) == bool(p.output[sample, 0] > 0)).double().cpu().numpy()
     return (out.argmax(dim=1) == int(classes[sample])).double().cpu().numpy()
 
 
-def pic_on(p: Prepared, saliency, metric: str = "sic", **kwargs) -> list[PicResult]:
+def pic_on(p: Run, saliency, metric: str = "sic", **kwargs) -> list[PicResult]:
     """PIC for every sample with a prepared engine; see :func:`pic_curves`."""
     return pic_metrics_on(p, saliency, (metric,), **kwargs)[metric]
 
 
-def pic_metrics_on(p: Prepared, saliency, metrics: Sequence[str] = ("sic", "aic"),
+def pic_metrics_on(p: Run, saliency, metrics: Sequence[str] = ("sic", "aic"),
                    thresholds: Sequence[float] = DEFAULT_THRESHOLDS, random_masks=None,
                    random_fraction: float = 0.01, bottom: str = "auto", blur_sigma: float = 8.0,
                    estimator: str = "auto", value_range: tuple[float, float] | None = None,
@@ -226,7 +227,7 @@ def pic_metrics_on(p: Prepared, saliency, metrics: Sequence[str] = ("sic", "aic"
             raise ValueError(f"random_masks must have shape {(b, *spatial)} or {spatial}, got {rm.shape}")
         masks = list(rm)
     images = x.detach().cpu().numpy()
-    blurred = blur(x, blur_sigma).cpu().numpy() if bottom == "blur" else [None] * b
+    blurred = gaussian_blur(x, blur_sigma).cpu().numpy() if bottom == "blur" else [None] * b
     results: dict[str, list[PicResult]] = {m: [] for m in metrics}
     for i in range(b):
         img = images[i]
@@ -294,7 +295,7 @@ def pic_curves(model: nn.Module, x, saliency, target=None, metric: str = "sic", 
     ``num_points``, ``reduce`` (how the map becomes one saliency per voxel, default
     ``"abs"``), ``seed``. Returns one :class:`PicResult` per sample.
     """
-    with prepared(model, x, target, device, batch_size, memory_budget) as p:
+    with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget) as p:
         return pic_on(p, saliency, metric, **kwargs)
 
 

@@ -40,7 +40,8 @@ from scipy import stats
 from torch import Tensor, nn
 
 from ..engine import Engine
-from ..explain import check_input, explain
+from ..explain import explain
+from ..run import check_input, open_run
 from ..targets import ClassTarget, Target, as_target
 from ._checks import as_map, voxel_relevance
 
@@ -127,9 +128,9 @@ def _reinitialise(module: nn.Module, seed: int) -> None:
 def _fixed_target(model: nn.Module, x: Tensor, target, device, batch_size, memory_budget) -> Target:
     tgt = as_target(target)
     if isinstance(tgt, ClassTarget) and tgt.index is None:
-        with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget) as engine:
-            bound = tgt.bind(engine.forward(x.to(engine.device)))
-        return ClassTarget(bound.classes.clone(), output=tgt.output, activation=tgt.activation)
+        with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget) as run:
+            classes = run.target.classes.clone()
+        return ClassTarget(classes, output=tgt.output, activation=tgt.activation)
     return tgt
 
 
@@ -215,9 +216,8 @@ def random_logit(model: nn.Module, x, methods: Sequence[str], target=None,
     if not isinstance(tgt, ClassTarget):
         raise ValueError("the random-logit check needs a classification target (ClassTarget or a class index), "
                          f"got {tgt!r}")
-    with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget) as engine:
-        bound = tgt.bind(engine.forward(x.to(engine.device)))
-        k = engine.forward(x[:1].to(engine.device)).shape[1]
+    with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget) as run:
+        bound, k = run.target, run.output.shape[1]
     if k < 2:
         raise ValueError(f"the random-logit check needs at least two classes, the model has {k}")
     rng = np.random.default_rng(seed)

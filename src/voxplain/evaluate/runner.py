@@ -24,6 +24,7 @@ says why.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..explain import explain_detailed
+from ..methods import create_methods
+from ..run import open_run
 from ..targets import (BratsRegionTarget, ClassTarget, EmptyRegionError, SegmentationTarget, Target, as_target,
                        freeze_region)
 from .complexity import complexity_metrics
@@ -41,7 +43,6 @@ from .features import feature_errors
 from .localisation import localisation_metrics
 from .pic import aggregate_pic, pic_metrics_on
 from .randomisation import cascading_randomisation, random_logit
-from ._model import prepared
 from .shortcut import marker_share
 
 __all__ = ["EvalCase", "EvaluationResult", "evaluate_cases", "probability_target", "FAMILIES"]
@@ -150,21 +151,25 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
     randomisation: dict[str, Any] = {}
     run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
     pic_kw = {} if pic_thresholds is None else {"thresholds": list(pic_thresholds)}
+    method_objs = create_methods(methods, options)
     for case in cases:
         names.append(case.name)
         x = case.image[None].float()
         target = as_target(case.target)
-        try:
-            exp = explain_detailed(model, x, target, methods, options, seed=seed, progress=progress, **run_kw)
-        except EmptyRegionError as err:
-            skipped[case.name] = str(err)
-            for m in methods:
-                _fill_missing(per_case, m, len(names))
-            continue
-        prob_target = probability_target(target, exp.output)
-        is_classifier = exp.output.ndim == 2
-        regions = None if case.regions is None else torch.as_tensor(case.regions)[None]
-        with prepared(model, x, prob_target, **run_kw) as p:
+        # one run per case: the explanations, then the metrics' probability scores on the same setup
+        with contextlib.ExitStack() as stack:
+            try:
+                run = stack.enter_context(open_run(model, x, target, seed=seed, progress=progress, **run_kw))
+            except EmptyRegionError as err:  # e.g. the model predicts none of the region's voxels
+                skipped[case.name] = str(err)
+                for m in methods:
+                    _fill_missing(per_case, m, len(names))
+                continue
+            exp = run.explain(method_objs)
+            prob_target = probability_target(target, exp.output)
+            is_classifier = exp.output.ndim == 2
+            regions = None if case.regions is None else torch.as_tensor(case.regions)[None]
+            p = run.retarget(prob_target)
             for m in methods:
                 amap = exp.maps[m]
                 values: dict[str, float] = {}

@@ -1,7 +1,8 @@
 """Explanation methods, one module per family, and their registry."""
 
-from .base import Method, Run
-from .registry import available_methods, create_method, method_class, option_names, register
+from .base import Attribution, Method
+from .registry import (DEFAULT_METHODS, available_methods, create_method, create_methods, method_class,
+                       option_names, register)
 
 # Importing a family module registers its methods.
 from . import gradient  # noqa: E402,F401
@@ -14,4 +15,5 @@ from . import blur_ig  # noqa: E402,F401
 from . import occlusion  # noqa: E402,F401
 from . import xrai  # noqa: E402,F401
 
-__all__ = ["Method", "Run", "available_methods", "create_method", "method_class", "option_names", "register"]
+__all__ = ["Method", "Attribution", "DEFAULT_METHODS", "available_methods", "create_method", "create_methods",
+           "method_class", "option_names", "register"]

@@ -8,20 +8,22 @@ Guided Grad-CAM multiplies guided backpropagation by that map, per input channel
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine import Engine
-from .base import Method, Run
-from .guided_backprop import warn_if_unguided
-from .layer_select import check_cam_layer, default_cam_layer, inspection_layers, resolve_layer, shared_trace
+from .base import Attribution, Method
+from .guided_backprop import check_activations, warn_unguided
+from .layer_select import check_cam_layer, default_cam_layer, inspection_layers, resolve_layer
 from .registry import register
 
-__all__ = ["GradCAM", "GuidedGradCAM", "gradcam_per_layer", "cam_from_gradients", "upsample_cam"]
+if TYPE_CHECKING:
+    from ..run import Run
+
+__all__ = ["GradCAM", "GuidedGradCAM", "layer_cams", "cam_from_gradients", "upsample_cam"]
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -41,41 +43,32 @@ def upsample_cam(cam: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class _LayerOption:
-    """The ``layer`` option shared by Grad-CAM and guided Grad-CAM, resolved per model."""
+    """The ``layer`` option shared by Grad-CAM and guided Grad-CAM, resolved once per run's input."""
 
     layer: str | nn.Module | None
 
-    def _resolve(self, engine: Engine, x: Tensor) -> nn.Module:
-        trace = shared_trace(engine, x)
-        if self.layer is None:
-            module = default_cam_layer(engine, x, trace)
-        else:
-            module = resolve_layer(engine.model, self.layer)
-            check_cam_layer(trace, module, x, self.layer if isinstance(self.layer, str) else None)
-        # weak: a method object the user keeps must not keep their model alive
-        self._resolved = (weakref.ref(engine.model), tuple(x.shape[1:]), weakref.ref(module))
-        return module
+    def cam_layer(self, run: "Run") -> nn.Module:
+        """The module the CAM is taken at, checked against the run's trace."""
+        key = ("cam layer", self.layer if isinstance(self.layer, (str, type(None))) else id(self.layer))
+        return run.resolved(key, lambda: _resolve_cam_layer(run, self.layer))
 
-    def layers(self, engine: Engine, x: Tensor) -> list[nn.Module]:
+    def layers(self, run: "Run") -> list[nn.Module]:
         """The CAM layer, captured in the shared plain gradient pass."""
-        return [self._resolve(engine, x)]
+        return [self.cam_layer(run)]
 
-    def cam(self, run: Run) -> Tensor:
-        """Upsampled Grad-CAM (N, 1, *spatial) for ``run``, from the shared pass when it captured the layer."""
-        resolved = getattr(self, "_resolved", None)
-        if resolved is not None and resolved[0]() is run.engine.model and resolved[1] == tuple(run.x.shape[1:]):
-            layer = resolved[2]()
-        else:
-            layer = self._resolve(run.engine, run.x)
-        shared = run.cached_gradients() if any(m is layer for m in run.layers) else None
-        if shared is not None:  # an earlier method made the shared pass: it captured this layer
-            grads, i = shared, run.layer_index(layer)
-        else:  # a pass of its own whose backward stops at the layer (as cheap as Grad-CAM can be)
-            grads = run.engine.gradients(run.x, run.target, run.sample_index, layers=[layer],
-                                         input_gradient=False)
-            i = 0
-        cam = cam_from_gradients(grads.activations[i], grads.layer_gradients[i])
-        return upsample_cam(cam, run.x.shape[2:])
+    def cam(self, run: "Run") -> Tensor:
+        """Upsampled Grad-CAM (N, 1, *spatial) for ``run``."""
+        activation, gradient = run.layer_gradients(self.cam_layer(run))
+        return upsample_cam(cam_from_gradients(activation, gradient), run.x.shape[2:])
+
+
+def _resolve_cam_layer(run: "Run", layer: str | nn.Module | None) -> nn.Module:
+    trace = run.trace()
+    if layer is None:
+        return default_cam_layer(run.engine, run.x, trace)
+    module = resolve_layer(run.model, layer)
+    check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+    return module
 
 
 @register
@@ -97,8 +90,8 @@ class GradCAM(_LayerOption, Method):
     def __init__(self, layer: str | nn.Module | None = None) -> None:
         self.layer = layer
 
-    def attribute(self, run: Run) -> Tensor:
-        return self.cam(run)
+    def attribute(self, run: "Run") -> Attribution:
+        return Attribution(self.cam(run))
 
 
 @register
@@ -107,6 +100,8 @@ class GuidedGradCAM(_LayerOption, Method):
 
     Args:
         layer: the Grad-CAM layer, as for :class:`GradCAM`.
+        activations: the activations guided backprop guides, as for
+            :class:`~voxplain.methods.guided_backprop.GuidedBackprop`.
 
     Reuses the guided pass of guided backprop and the plain pass of Grad-CAM when
     run together through :func:`voxplain.explain`.
@@ -114,63 +109,49 @@ class GuidedGradCAM(_LayerOption, Method):
 
     name = "guided_gradcam"
 
-    def __init__(self, layer: str | nn.Module | None = None) -> None:
+    def __init__(self, layer: str | nn.Module | None = None, activations: str = "relu_family") -> None:
         self.layer = layer
+        self.activations = check_activations(activations)
 
-    def attribute(self, run: Run) -> Tensor:
-        warn_if_unguided(run.engine)
-        return run.input_gradients(guided=True).inputs * self.cam(run)
+    def attribute(self, run: "Run") -> Attribution:
+        result = Attribution(run.input_gradients(guided=self.activations) * self.cam(run))
+        warn_unguided(result, run, self.activations, self.name)
+        return result
 
 
-def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | nn.Module] | None = None,
-                      device=None, batch_size: int | None = None, memory_budget: int | str | None = None,
-                      upsample: bool = True) -> dict[str, Tensor]:
-    """Grad-CAM at many layers in one forward/backward pass ("network inspection").
+def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
+               upsample: bool = True) -> dict[str, Tensor]:
+    """Grad-CAM of ``run`` at many layers from one forward/backward pass stopping at them.
 
     Args:
-        model: the network; it comes back unchanged.
-        x: input (B, C, *spatial), 1 to 3 spatial dimensions.
-        target: what to explain, as for :func:`voxplain.explain`.
-        layers: names or modules; default one per convolution in execution order,
-            taken at the end of its conv/norm/activation block
-            (:func:`~voxplain.methods.layer_select.inspection_layers`).
-        device, batch_size, memory_budget: as for :func:`voxplain.explain`.
+        run: the input and target.
+        layers: names or modules; default :func:`~voxplain.methods.layer_select.inspection_layers`.
         upsample: resize every map to the input's spatial size (else keep the layer's).
 
     Returns:
-        ``{layer name: CPU float32 map (B, 1, *spatial)}`` in execution order.
+        ``{layer name: map (N, 1, *spatial)}`` in execution order, on the run's device.
     """
-    from ..explain import _forward_original, check_input
-    from ..targets import as_target
-
-    x = check_input(x)
-    target = as_target(target)
-    with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget) as engine:
-        xd = x.to(engine.device)
-        bound = target.bind(_forward_original(engine, xd))
-        trace = engine.trace(xd)
-        if layers is None:
-            chosen = inspection_layers(engine, xd, trace)
-            if not chosen:
-                raise ValueError(f"{type(model).__name__} has no convolution with a spatial output on input "
-                                 f"shape {tuple(x.shape)}; pass `layers` explicitly")
-        else:
-            names = {m: n for n, m in reversed(list(model.named_modules()))}
-            chosen = []
-            for layer in layers:
-                module = resolve_layer(model, layer)
-                check_cam_layer(trace, module, xd, layer if isinstance(layer, str) else None)
-                chosen.append((layer if isinstance(layer, str) else names[module], module))
-            order = {id(info.module): k for k, info in enumerate(trace)}
-            chosen.sort(key=lambda pair: order[id(pair[1])])
-        modules = list(dict.fromkeys(m for _, m in chosen))
-        grads = engine.gradients(xd, bound, torch.arange(x.shape[0], device=engine.device),
-                                 layers=modules, input_gradient=False)
-        out: dict[str, Tensor] = {}
-        for name, module in chosen:
-            i = modules.index(module)
-            cam = cam_from_gradients(grads.activations[i], grads.layer_gradients[i])
-            if upsample:
-                cam = upsample_cam(cam, x.shape[2:])
-            out[name] = cam.detach().to("cpu", torch.float32)
+    trace = run.trace()
+    if layers is None:
+        chosen = inspection_layers(run.engine, run.x, trace)
+        if not chosen:
+            raise ValueError(f"{type(run.model).__name__} has no convolution with a spatial output on input "
+                             f"shape {tuple(run.x.shape)}; name a layer with a spatial output: `layers=[NAME]` "
+                             "in the API (voxplain inspect: --layer NAME)")
+    else:
+        names = {m: n for n, m in reversed(list(run.model.named_modules()))}
+        chosen = []
+        for layer in layers:
+            module = resolve_layer(run.model, layer)
+            check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+            chosen.append((layer if isinstance(layer, str) else names[module], module))
+        order = {id(info.module): k for k, info in enumerate(trace)}
+        chosen.sort(key=lambda pair: order[id(pair[1])])
+    modules = list(dict.fromkeys(m for _, m in chosen))
+    grads = run.gradients_at_layers(modules)
+    out: dict[str, Tensor] = {}
+    for name, module in chosen:
+        i = modules.index(module)
+        cam = cam_from_gradients(grads.activations[i], grads.layer_gradients[i])
+        out[name] = upsample_cam(cam, run.x.shape[2:]) if upsample else cam
     return out

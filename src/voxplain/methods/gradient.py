@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from .base import Method, Run
+from .base import Attribution, Method
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["VanillaGradient", "GradientXInput"]
 
@@ -16,8 +19,11 @@ class VanillaGradient(Method):
 
     name = "vanilla_gradient"
 
-    def attribute(self, run: Run) -> Tensor:
-        return run.input_gradients().inputs
+    def shares_input_gradient(self) -> bool:
+        return True
+
+    def attribute(self, run: "Run") -> Attribution:
+        return Attribution(run.input_gradients())
 
 
 @register
@@ -26,5 +32,8 @@ class GradientXInput(Method):
 
     name = "gradient_x_input"
 
-    def attribute(self, run: Run) -> Tensor:
-        return run.input_gradients().inputs * run.x
+    def shares_input_gradient(self) -> bool:
+        return True
+
+    def attribute(self, run: "Run") -> Attribution:
+        return Attribution(run.input_gradients() * run.x)

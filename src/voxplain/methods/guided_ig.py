@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .base import Method, Run
+from .base import Attribution, Method
 from .baselines import BaselineSpec, check_baseline, resolve_baseline
-from .integrated_gradients import _batch_size, check_steps
+from .completeness import report_completeness
+from .integrated_gradients import check_steps
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["GuidedIG", "guided_integrated_gradients"]
 
@@ -46,9 +51,9 @@ def _isclose(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).abs() <= tol
 
 
-def guided_integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", steps: int = 200,
-                                fraction: float = 0.25, max_dist: float = 0.02) -> Tensor:
-    """Guided IG of ``run.target`` for every row of ``run.x``: (N, C, *spatial).
+def guided_integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "zeros", steps: int = 200,
+                                fraction: float = 0.25, max_dist: float = 0.02) -> tuple[Tensor, Tensor]:
+    """Guided IG of ``run.target`` for every row of ``run.x``: (N, C, *spatial), and F(baseline) per row.
 
     Args:
         run: the rows to explain and their engine and target.
@@ -57,14 +62,15 @@ def guided_integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zer
         fraction: share of the features, those with the smallest |gradient|, moved per iteration.
         max_dist: how far (in alpha) a feature may run ahead of the straight-line point;
             0 gives IG with the left Riemann rule, as does ``fraction=1``.
+
+    F(baseline) is the score of the first path point, so it costs nothing.
     """
     steps = check_steps(steps)
     fraction = _check_unit_interval(fraction, "fraction")
     max_dist = _check_unit_interval(max_dist, "max_dist")
-    engine = run.engine
     shape = run.x.shape
     x_in = run.x.detach().to(torch.float64).flatten(1)
-    x_base = resolve_baseline(baseline, run.x, run.sample_index, _batch_size(run)).to(torch.float64).flatten(1)
+    x_base = resolve_baseline(baseline, run.x, run.sample_index, run.n_samples).to(torch.float64).flatten(1)
     diff = x_in - x_base
     moving = diff != 0
     l1_total = diff.abs().sum(dim=1)
@@ -76,11 +82,18 @@ def guided_integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zer
 
     x = x_base.clone()
     attr = torch.zeros_like(x_in)
-    bar = engine.progress_bar(steps, "guided_ig")
+    f0 = torch.empty(shape[0], dtype=torch.float64, device=x_in.device)
+    grad = torch.empty_like(x_in)
+    bar = run.engine.progress_bar(steps, "guided_ig")
     try:
         for step in range(steps):
-            grad = engine.gradients(x.to(run.x.dtype).view(shape), run.target,
-                                    run.sample_index).inputs.to(torch.float64).flatten(1)
+            point = x.to(run.x.dtype).view(shape)
+            for chunk in run.row_chunks(1):
+                part = run.gradients(point[chunk.start:chunk.stop], chunk.owner)
+                grad[chunk.start:chunk.stop] = part.inputs.to(torch.float64).flatten(1)
+                if step == 0:
+                    f0[chunk.start:chunk.stop] = part.scores.to(torch.float64)
+            del point
             alpha = (step + 1.0) / steps
             alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
             x_min = x_base + diff * alpha_min
@@ -121,7 +134,7 @@ def guided_integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zer
             bar.update(1)
     finally:
         bar.close()
-    return attr.to(run.x.dtype).view(shape)
+    return attr.to(run.x.dtype).view(shape), f0
 
 
 @register
@@ -135,6 +148,9 @@ class GuidedIG(Method):
             the baseline-to-input distance; 0 (or ``fraction=1``) gives IG with ``riemann_left``.
         baseline: as for integrated gradients (``"zeros"`` default, ``"min"``, ``"max"``,
             ``"blur"``, a number or a tensor).
+
+    Reports its completeness error per sample in ``extras["completeness"]`` and warns
+    (naming the likely cause) when it is above 5%.
     """
 
     name = "guided_ig"
@@ -146,5 +162,9 @@ class GuidedIG(Method):
         self.max_dist = _check_unit_interval(max_dist, "max_dist")
         self.baseline = check_baseline(baseline)
 
-    def attribute(self, run: Run) -> Tensor:
-        return guided_integrated_gradients(run, self.baseline, self.steps, self.fraction, self.max_dist)
+    def attribute(self, run: "Run") -> Attribution:
+        attr, f0 = guided_integrated_gradients(run, self.baseline, self.steps, self.fraction, self.max_dist)
+        result = Attribution(attr)
+        if not run.derived:
+            report_completeness(result, run, attr, f0, method=self.name, steps=self.steps)
+        return result

@@ -2,31 +2,44 @@
 
 IG(x) = (x - x0) * integral_0^1 dF/dx(x0 + a (x - x0)) da, approximated by
 sum_j w_j dF/dx(x0 + a_j (x - x0)). The path points of all rows are evaluated in
-chunks from :meth:`Engine.chunks`, so B x steps x C x voxels never sits in memory
-at once (3D volumes); each chunk's weighted gradients are added into an
-(N, C, *spatial) sum.
+chunks that fit one pass (:meth:`voxplain.run.Run.row_chunks`), so B x steps x C x
+voxels never sits in memory at once (3D volumes); each chunk's weighted gradients
+are added into an (N, C, *spatial) sum.
 """
 
 from __future__ import annotations
 
 import operator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .base import Method, Run
+from .base import Attribution, Method
 from .baselines import BaselineSpec, check_baseline, resolve_baseline
+from .completeness import report_completeness
 from .registry import register
 
-__all__ = ["IntegratedGradients", "integrated_gradients", "quadrature", "RULES", "check_steps", "check_rule"]
+if TYPE_CHECKING:
+    from ..run import Run
+
+__all__ = ["IntegratedGradients", "integrated_gradients", "quadrature", "RULES", "check_steps", "check_rule",
+           "MAX_STEPS", "MAX_GAUSS_LEGENDRE_STEPS"]
 
 #: Quadrature rules, named as in Captum's ``IntegratedGradients(method=...)``.
 RULES = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
+#: The most path points, samples or steps any method takes per input: far beyond any useful accuracy
+#: (path integrals converge within a few hundred points), and small enough that the per-point
+#: bookkeeping (positions, weights, progress) stays a few megabytes.
+MAX_STEPS = 100_000
+#: Gauss-Legendre nodes come from an eigenvalue problem of size steps x steps (numpy, as Captum):
+#: O(steps^2) memory and O(steps^3) time.
+MAX_GAUSS_LEGENDRE_STEPS = 1024
 
 
-def check_steps(steps, name: str = "steps", minimum: int = 1) -> int:
-    """``steps`` as an int >= ``minimum``, or a clear error."""
+def check_steps(steps, name: str = "steps", minimum: int = 1, maximum: int = MAX_STEPS) -> int:
+    """``steps`` as an int in [``minimum``, ``maximum``], or a clear error."""
     if isinstance(steps, bool):
         raise TypeError(f"{name} must be an int >= {minimum}, got a bool")
     try:
@@ -35,6 +48,9 @@ def check_steps(steps, name: str = "steps", minimum: int = 1) -> int:
         raise TypeError(f"{name} must be an int >= {minimum}, got {steps!r}") from None
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name}={value} is more than the limit of {maximum}; results stop changing long "
+                         "before that, while time and memory keep growing with it")
     return value
 
 
@@ -44,6 +60,9 @@ def check_rule(rule: str, steps: int) -> str:
         raise ValueError(f"unknown rule {rule!r}; expected one of {', '.join(RULES)}")
     if rule == "riemann_trapezoid" and steps < 2:
         raise ValueError(f"rule 'riemann_trapezoid' needs steps >= 2 (both end points), got {steps}")
+    if rule == "gausslegendre" and steps > MAX_GAUSS_LEGENDRE_STEPS:
+        raise ValueError(f"rule 'gausslegendre' takes at most {MAX_GAUSS_LEGENDRE_STEPS} steps (its nodes cost "
+                         f"O(steps^3) to compute), got {steps}; it converges fast, or use a riemann rule for more")
     return rule
 
 
@@ -75,13 +94,9 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     return alphas.tolist(), weights
 
 
-def _batch_size(run: Run) -> int | None:
-    classes = getattr(run.target, "classes", None)
-    return None if classes is None else int(classes.shape[0])
-
-
-def integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", steps: int = 50,
-                         rule: str = "riemann_trapezoid", desc: str = "integrated_gradients") -> Tensor:
+def integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "zeros", steps: int = 50,
+                         rule: str = "gausslegendre", desc: str = "integrated_gradients",
+                         baseline_scores: bool = False) -> tuple[Tensor, Tensor | None]:
     """Integrated gradients of ``run.target`` for every row of ``run.x``: (N, C, *spatial).
 
     The reusable core of :class:`IntegratedGradients` (and of methods built on IG,
@@ -93,43 +108,38 @@ def integrated_gradients(run: Run, baseline: BaselineSpec | Tensor = "zeros", st
         steps: number of path points per row.
         rule: quadrature rule, one of :data:`RULES`.
         desc: label of the progress bar.
+        baseline_scores: also return F(baseline) per row (for completeness): read from
+            the path when the rule evaluates the baseline itself, else one forward pass.
+
+    Returns:
+        The map and F(baseline) (None unless ``baseline_scores``).
     """
     steps = check_steps(steps)
     check_rule(rule, steps)
-    engine, x = run.engine, run.x
-    x0 = resolve_baseline(baseline, x, run.sample_index, _batch_size(run))
+    x = run.x
+    x0 = resolve_baseline(baseline, x, run.sample_index, run.n_samples)
     diff = x - x0
     alphas_list, weights_list = quadrature(rule, steps)
     alphas = torch.tensor(alphas_list, dtype=x.dtype, device=x.device)
     weights = torch.tensor(weights_list, dtype=x.dtype, device=x.device)
-    n_rows = x.shape[0] * steps
     view = (-1,) + (1,) * (x.ndim - 1)
     total = torch.zeros_like(x)
-    bar = engine.progress_bar(n_rows, desc)
-    try:
-        for sl in engine.chunks(n_rows, tuple(x.shape[1:])):
-            # Rows are sample-major: row k is path point k % steps of sample k // steps,
-            # so a chunk is a few contiguous runs of points, one per sample.
-            runs = []
-            for r in range(sl.start // steps, (sl.stop - 1) // steps + 1):
-                lo, hi = max(sl.start, r * steps) - r * steps, min(sl.stop, (r + 1) * steps) - r * steps
-                runs.append((r, lo, hi))
-            points = torch.cat([torch.addcmul(x0[r:r + 1], alphas[lo:hi].view(view), diff[r:r + 1])
-                                for r, lo, hi in runs])
-            owner = torch.cat([run.sample_index[r:r + 1].expand(hi - lo) for r, lo, hi in runs])
-            grads = engine.gradients(points, run.target, owner).inputs
-            del points
-            start = 0
-            for r, lo, hi in runs:
-                # The weighted sum over this sample's points, as one matrix-vector product.
-                part = weights[lo:hi] @ grads[start:start + hi - lo].flatten(1)
-                total[r] += part.view(x.shape[1:])
-                start += hi - lo
-            del grads
-            bar.update(sl.stop - sl.start)
-    finally:
-        bar.close()
-    return diff * total
+    at_baseline = alphas_list[0] == 0.0
+    f0 = torch.empty(x.shape[0], dtype=torch.float64, device=x.device) if baseline_scores and at_baseline else None
+    for chunk in run.row_chunks(steps, desc=desc):
+        # one broadcast product per sample: no gathered copies of x0 and x - x0
+        points = torch.cat([torch.addcmul(x0[r:r + 1], alphas[lo:hi].view(view), diff[r:r + 1])
+                            for r, lo, hi in chunk.runs])
+        grads = run.gradients(points, chunk.owner)
+        del points
+        chunk.add_per_sample(total, grads.inputs, weights)
+        if f0 is not None:
+            first = chunk.step == 0
+            f0[chunk.sample[first]] = grads.scores[first].to(f0.dtype)
+        del grads
+    if baseline_scores and f0 is None:
+        f0 = run.scores(x0, run.sample_index)
+    return diff * total, f0
 
 
 @register
@@ -138,18 +148,30 @@ class IntegratedGradients(Method):
 
     Args:
         steps: number of path points (>= 1; >= 2 for ``riemann_trapezoid``).
-        rule: ``"riemann_trapezoid"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-            ``"riemann_middle"`` or ``"gausslegendre"``; positions and weights as in Captum.
+        rule: ``"gausslegendre"`` (default, as Captum), ``"riemann_trapezoid"``,
+            ``"riemann_left"``, ``"riemann_right"`` or ``"riemann_middle"``; positions and
+            weights as in Captum. Gauss-Legendre never evaluates the gradient at the
+            baseline itself, where networks with InstanceNorm/GroupNorm can have an
+            extreme gradient (the trapezoid and left rules do).
         baseline: ``"zeros"`` (default), ``"min"``, ``"max"``, ``"blur"``/``"blur:SIGMA"``,
             a number, or a tensor broadcastable to the input (see :mod:`voxplain.methods.baselines`).
+
+    Reports its completeness error per sample in ``extras["completeness"]`` and warns
+    (naming the likely cause) when it is above 5%.
     """
 
     name = "integrated_gradients"
 
-    def __init__(self, steps: int = 50, rule: str = "riemann_trapezoid", baseline: BaselineSpec = "zeros"):
+    def __init__(self, steps: int = 50, rule: str = "gausslegendre", baseline: BaselineSpec = "zeros"):
         self.steps = check_steps(steps)
         self.rule = check_rule(rule, self.steps)
         self.baseline = check_baseline(baseline)
 
-    def attribute(self, run: Run) -> Tensor:
-        return integrated_gradients(run, self.baseline, self.steps, self.rule, desc=self.name)
+    def attribute(self, run: "Run") -> Attribution:
+        # rows derived from the input (SmoothGrad's noisy copies) get no completeness check
+        attr, f0 = integrated_gradients(run, self.baseline, self.steps, self.rule, desc=self.name,
+                                        baseline_scores=not run.derived)
+        result = Attribution(attr)
+        if f0 is not None:
+            report_completeness(result, run, attr, f0, method=self.name, steps=self.steps, rule=self.rule)
+        return result

@@ -5,21 +5,21 @@ with as many spatial dimensions as the input. This module turns what a user give
 (a name from ``named_modules()`` or the module itself) into a checked module, picks
 a sensible default, and lists the layers "network inspection" walks through.
 
-All choices are made from :meth:`voxplain.Engine.trace`: the modules in the order
-their forward hooks fire (a container fires after its children), with output shapes.
+All choices are made from a trace (:meth:`voxplain.Engine.trace`, kept once per input
+by :meth:`voxplain.run.Run.trace`): the modules in the order their forward hooks fire
+(a container fires after its children), with output shapes.
 """
 
 from __future__ import annotations
 
 import difflib
-import weakref
 from collections import Counter
 
 from torch import Tensor, nn
 
 from ..engine import Engine, LayerInfo
 
-__all__ = ["NORMALISATIONS", "shared_trace", "resolve_layer", "check_cam_layer", "default_cam_layer",
+__all__ = ["NORMALISATIONS", "resolve_layer", "check_cam_layer", "default_cam_layer",
            "inspection_layers"]
 
 #: Normalisation layers. One that follows a layer makes a poor CAM layer: InstanceNorm
@@ -36,20 +36,6 @@ _BLOCK_TAIL: tuple[type[nn.Module], ...] = NORMALISATIONS + (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 )
 _CONVS = (nn.modules.conv._ConvNd,)
-
-
-# engine -> (input it traced, trace): Grad-CAM and guided Grad-CAM in one explain() share a trace.
-_TRACES: "weakref.WeakKeyDictionary[Engine, tuple[weakref.ref, list[LayerInfo]]]" = weakref.WeakKeyDictionary()
-
-
-def shared_trace(engine: Engine, x: Tensor) -> list[LayerInfo]:
-    """``engine.trace(x)``, computed once per engine and input tensor."""
-    cached = _TRACES.get(engine)
-    if cached is not None and cached[0]() is x:
-        return cached[1]
-    trace = engine.trace(x)
-    _TRACES[engine] = (weakref.ref(x), trace)
-    return trace
 
 
 def _names(model: nn.Module) -> dict[nn.Module, str]:

@@ -15,12 +15,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .base import Method, Run
+from .base import Attribution, Method
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["Occlusion", "window_starts"]
 
@@ -80,7 +84,7 @@ class Occlusion(Method):
             raise ValueError(f"occlusion baseline of shape {tuple(b.shape)} does not broadcast to the "
                              f"input's shape {tuple(x.shape)}") from None
 
-    def attribute(self, run: Run) -> Tensor:
+    def attribute(self, run: "Run") -> Attribution:
         x = run.x
         spatial = tuple(x.shape[2:])
         window, stride = self._geometry(spatial)
@@ -91,21 +95,16 @@ class Occlusion(Method):
         coverage = torch.zeros(spatial, device=x.device, dtype=x.dtype)
         for box in boxes:
             coverage[box] += 1
-        full = run.engine.scores(x, run.target, run.sample_index)
+        full = run.scores_at_x()
         total = torch.zeros((x.shape[0], 1, *spatial), device=x.device, dtype=x.dtype)
-        bar = run.engine.progress_bar(x.shape[0] * len(boxes), "occlusion")
-        try:
-            for i in range(x.shape[0]):
-                for sl in run.engine.chunks(len(boxes), x.shape[1:], backward=False):
-                    chunk = boxes[sl]
-                    rows = x[i:i + 1].repeat(len(chunk), *([1] * (x.ndim - 1)))
-                    for r, box in enumerate(chunk):
-                        rows[(r, slice(None), *box)] = baseline[(i, slice(None), *box)]
-                    index = run.sample_index[i:i + 1].expand(len(chunk))
-                    drop = full[i] - run.engine.scores(rows, run.target, index)
-                    for r, box in enumerate(chunk):
-                        total[(i, 0, *box)] += drop[r]
-                    bar.update(len(chunk))
-        finally:
-            bar.close()
-        return (total / coverage).expand_as(x).clone()
+        # Rows are (sample, window) pairs, sample-major.
+        for chunk in run.row_chunks(len(boxes), backward=False, desc="occlusion"):
+            samples, windows = chunk.sample.tolist(), chunk.step.tolist()
+            rows = x[chunk.sample]
+            for r, (i, j) in enumerate(zip(samples, windows)):
+                rows[(r, slice(None), *boxes[j])] = baseline[(i, slice(None), *boxes[j])]
+            drop = full[chunk.sample] - run.scores(rows, chunk.owner)
+            del rows
+            for r, (i, j) in enumerate(zip(samples, windows)):
+                total[(i, 0, *boxes[j])] += drop[r]
+        return Attribution((total / coverage).expand_as(x).clone())

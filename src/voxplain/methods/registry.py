@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .base import Method
 
-__all__ = ["register", "method_class", "create_method", "available_methods", "option_names"]
+__all__ = ["register", "method_class", "create_method", "create_methods", "available_methods", "option_names",
+           "DEFAULT_METHODS"]
+
+#: NeuroXAI's seven methods, run when no list is given (by ``explain`` and ``voxplain explain``).
+DEFAULT_METHODS: tuple[str, ...] = (
+    "vanilla_gradient",
+    "guided_backprop",
+    "integrated_gradients",
+    "guided_ig",
+    "smoothgrad",
+    "gradcam",
+    "guided_gradcam",
+)
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -62,3 +75,37 @@ def create_method(name: str, options: dict[str, Any] | None = None) -> "Method":
             f"unknown option(s) {unknown} for method {name!r}; valid options: {valid or 'none'}"
         )
     return cls(**options)
+
+
+def create_methods(methods: "str | Method | Sequence[str | Method] | None",
+                   options: Mapping[str, Mapping[str, Any]] | None = None) -> list["Method"]:
+    """Method objects for ``methods`` (names or objects; default :data:`DEFAULT_METHODS`).
+
+    ``options`` maps a method name to its options. A method named twice, or options
+    for a method that is not run, is an error.
+    """
+    from .base import Method
+
+    if methods is None:
+        methods = DEFAULT_METHODS
+    if isinstance(methods, (str, Method)):
+        methods = [methods]
+    methods = list(methods)
+    if not methods:
+        raise ValueError("methods is empty: name at least one method (or pass None for NeuroXAI's seven); "
+                         f"available: {', '.join(available_methods())}")
+    options = dict(options or {})
+    built: list[Method] = []
+    for m in methods:
+        if isinstance(m, Method):
+            built.append(m)
+        else:
+            built.append(create_method(m, options.get(m)))
+    names = [m.name for m in built]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"method(s) {duplicates} given more than once")
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise ValueError(f"options given for method(s) {stray} that are not among the methods run: {names}")
+    return built

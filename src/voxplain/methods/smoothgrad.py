@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from ..engine import Engine
-from .base import Method, Run
+from .base import Attribution, Method
 from .integrated_gradients import check_steps
 from .registry import create_method, register
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["SmoothGrad", "SmoothGradIG"]
 
@@ -76,44 +78,45 @@ class SmoothGrad(Method):
         out["base_options"] = self.base.options()
         return out
 
-    def layers(self, engine: Engine, x: Tensor) -> list[nn.Module]:
-        return self.base.layers(engine, x)
+    def layers(self, run: "Run") -> list[nn.Module]:
+        return self.base.layers(run) if self.noise_level == 0 else []
 
-    def attribute(self, run: Run) -> Tensor:
+    def shares_input_gradient(self) -> bool:
+        return self.noise_level == 0 and self.base.shares_input_gradient()
+
+    def attribute(self, run: "Run") -> Attribution:
         if self.noise_level == 0:
-            result = self.base.attribute(run)
-            return result * result if self.magnitude else result
+            base = self.base.attribute(run)
+            return Attribution(base.map * base.map if self.magnitude else base.map,
+                               _warnings_of(base.extras.get("warnings", [])))
         x = run.x
         n, row_shape = x.shape[0], tuple(x.shape[1:])
         flat = x.flatten(1)
         sigma = self.noise_level * (flat.amax(dim=1) - flat.amin(dim=1))  # (N,)
         generator = run.generator(self.name)
-        total_rows = n * self.samples
         total: Tensor | None = None
-        bar = run.engine.progress_bar(total_rows, self.name)
-        try:
-            for sl in run.engine.chunks(total_rows, row_shape):
-                # Rows are sample-major: row k is copy k % samples of sample k // samples.
-                owner = torch.arange(sl.start, sl.stop, device=x.device) // self.samples
-                noise = torch.stack([torch.randn(row_shape, generator=generator)
-                                     for _ in range(sl.stop - sl.start)]).to(x.device, x.dtype)
-                noisy = x[owner] + sigma[owner].view(-1, *([1] * len(row_shape))) * noise
-                del noise
-                maps = self.base.attribute(run.at(noisy, run.sample_index[owner]))
-                del noisy
-                if self.magnitude:
-                    maps = maps * maps
-                if total is None:
-                    total = torch.zeros((n, *maps.shape[1:]), dtype=maps.dtype, device=maps.device)
-                first, last = int(sl.start // self.samples), int((sl.stop - 1) // self.samples)
-                for r in range(first, last + 1):
-                    lo = max(sl.start, r * self.samples) - sl.start
-                    hi = min(sl.stop, (r + 1) * self.samples) - sl.start
-                    total[r] += maps[lo:hi].sum(dim=0)
-                bar.update(sl.stop - sl.start)
-        finally:
-            bar.close()
-        return total / self.samples
+        warned: list[str] = []
+        for chunk in run.row_chunks(self.samples, desc=self.name):
+            # Rows are sample-major: row k is copy k % samples of sample k // samples.
+            noise = torch.stack([torch.randn(row_shape, generator=generator)
+                                 for _ in range(len(chunk))]).to(x.device, x.dtype)
+            noisy = x[chunk.sample] + sigma[chunk.sample].view(-1, *([1] * len(row_shape))) * noise
+            del noise
+            result = self.base.attribute(run.at(noisy, chunk.owner))
+            del noisy
+            maps = result.map * result.map if self.magnitude else result.map
+            if total is None:
+                total = torch.zeros((n, *maps.shape[1:]), dtype=maps.dtype, device=maps.device)
+            chunk.add_per_sample(total, maps)
+            warned.extend(result.extras.get("warnings", []))
+            del maps, result
+        return Attribution(total / self.samples, _warnings_of(warned))
+
+
+def _warnings_of(lines: list[str]) -> dict[str, list[str]]:
+    """The base method's warnings, each once, as SmoothGrad's extras."""
+    lines = list(dict.fromkeys(lines))
+    return {"warnings": lines} if lines else {}
 
 
 @register

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from .base import Method, Run
+from .base import Attribution, Method
+from .completeness import report_completeness
 from .integrated_gradients import check_steps, integrated_gradients
 from .registry import create_method, register
 from .segments import (FELZENSZWALB_SCALES, FELZENSZWALB_SIZE, SLIC_COMPACTNESS, SLIC_N_SEGMENTS, SLIC_SIZE,
                        RegionSet, felzenszwalb_regions, regions_from_segments, slic_regions)
+
+if TYPE_CHECKING:
+    from ..run import Run
 
 __all__ = ["XRAI", "xrai_greedy", "XraiResult", "top_fraction"]
 
@@ -173,7 +177,9 @@ class XRAI(Method):
 
     ``explain_detailed`` exposes the ranked regions under ``extras["xrai"]``:
     ``ranks`` ((B, *spatial) int, 1 = most important region), ``gains`` (per
-    sample, the gain of each rank) and ``base`` (the channel-reduced base map).
+    sample, the gain of each rank) and ``base`` (the channel-reduced base map); with
+    the default base, ``completeness`` of the averaged base IG (its sum against the
+    mean of F(x) - F(min) and F(x) - F(max)).
     """
 
     name = "xrai"
@@ -219,10 +225,12 @@ class XRAI(Method):
         if isinstance(compactness, bool) or not isinstance(compactness, (int, float)) or not compactness > 0:
             raise ValueError(f"xrai compactness must be a positive number, got {compactness!r}")
         self.compactness = float(compactness)
-        self.last_extras: dict[str, Any] | None = None
 
-    def layers(self, engine, x: Tensor) -> list:
-        return self.base.layers(engine, x) if self.base is not None else []
+    def layers(self, run: "Run") -> list:
+        return self.base.layers(run) if self.base is not None and self.base_attribution is None else []
+
+    def shares_input_gradient(self) -> bool:
+        return self.base is not None and self.base_attribution is None and self.base.shares_input_gradient()
 
     def options(self) -> dict[str, Any]:
         out = super().options()
@@ -235,17 +243,26 @@ class XRAI(Method):
         return out
 
     # -- base attribution ----------------------------------------------------
-    def _base_map(self, run: Run) -> Tensor:
-        """(N, *spatial) base attribution, reduced over channels by max."""
+    def _base_map(self, run: "Run", extras: dict[str, Any]) -> Tensor:
+        """(N, *spatial) base attribution, reduced over channels by max; its checks go into ``extras``."""
         x = run.x
         if self.base_attribution is not None:
             attr = _as_base_attribution(self.base_attribution, x)
         elif self.base is not None:
-            attr = self.base.attribute(run)
+            base = self.base.attribute(run)
+            attr = base.map
+            extras.update({k: v for k, v in base.extras.items() if k in ("completeness", "warnings")})
         else:  # PAIR's default: IG from a black and a white image, averaged
-            low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min")
-            high = integrated_gradients(run, "max", self.steps, desc="xrai: IG from max")
+            check = not run.derived
+            low, f_low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min", baseline_scores=check)
+            high, f_high = integrated_gradients(run, "max", self.steps, desc="xrai: IG from max",
+                                                baseline_scores=check)
             attr = (low + high) / 2
+            if check:  # sums are linear: the average map against the average score difference
+                checked = Attribution(attr)
+                report_completeness(checked, run, attr, (f_low + f_high) / 2, method="xrai (base IG)",
+                                    steps=self.steps, rule="gausslegendre")
+                extras.update(checked.extras)
         return attr.amax(dim=1)
 
     # -- regions ---------------------------------------------------------------
@@ -264,13 +281,14 @@ class XRAI(Method):
         raise ValueError("xrai has no automatic segmentation for 1D inputs; pass `segments` "
                          "(an integer label map or a list of boolean masks)")
 
-    def attribute(self, run: Run) -> Tensor:
+    def attribute(self, run: "Run") -> Attribution:
         x = run.x
         spatial = tuple(x.shape[2:])
         images = x.detach().cpu().numpy()
         # precomputed segments are shared by all samples; checked before any model work
         shared = self._regions(images[0]) if self.segments is not None else None
-        base = self._base_map(run).detach().to("cpu", torch.float64).numpy()
+        extras: dict[str, Any] = {}
+        base = self._base_map(run, extras).detach().to("cpu", torch.float64).numpy()
         maps, ranks, gains = [], [], []
         for i in range(x.shape[0]):
             regions = shared if shared is not None else self._regions(images[i])
@@ -282,10 +300,10 @@ class XRAI(Method):
                 rank_work[voxels] = r + 1
             ranks.append(regions.expand(rank_work).reshape(spatial))
             gains.append(torch.tensor(result.gains, dtype=torch.float64))
-        self.last_extras = {"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains,
-                            "base": torch.from_numpy(base).to(torch.float32)}
-        out = torch.from_numpy(np.stack(maps)).to(device=x.device, dtype=x.dtype)
-        return out.unsqueeze(1)
+        extras.update({"ranks": torch.from_numpy(np.stack(ranks)), "gains": gains,
+                       "base": torch.from_numpy(base).to(torch.float32)})
+        out = torch.from_numpy(np.stack(maps)).to(device=x.device, dtype=x.dtype).unsqueeze(1)
+        return Attribution(out, extras)
 
 
 def _as_base_attribution(value, x: Tensor) -> Tensor:

@@ -7,10 +7,16 @@ A checkpoint is a folder::
     model.pt       the weights (a state_dict, loadable with ``weights_only=True``)
     history.json   per-epoch training history (when given)
 
-``load_model`` accepts such a folder (or its config.json), a ``module:factory``
-(or ``file.py:factory``) plus a weights file, or a TorchScript file. A file that
-holds a whole pickled ``nn.Module`` is only unpickled with ``allow_unsafe_pickle=True``,
-because unpickling runs whatever code the file names.
+``load_model`` takes what a user typed: such a folder (or its config.json), the name
+of a checkpoint shipped with voxplain (``demo-unet``, ``demo-grade``, ``demo-slices``;
+a local path of the same name wins), a ``module:factory`` (or ``file.py:factory``)
+plus a weights file, or a TorchScript file. ``module:factory`` imports and runs
+Python code, and a TorchScript file carries code of its own (so do MONAI bundles):
+load those only from sources you trust. A file that holds a whole pickled
+``nn.Module`` is only unpickled with ``allow_unsafe_pickle=True``, because unpickling
+runs whatever code the file names. A path read from a file or a database (e.g. a
+sweep's best trial) is loaded with :func:`load_checkpoint_folder`, which only ever
+reads a checkpoint folder and never imports anything.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+from importlib import resources
 import os
 import pickle
 import re
@@ -31,8 +38,9 @@ from torch import nn
 from ..atomic import atomic_dir
 from .zoo import build_model
 
-__all__ = ["save_checkpoint", "load_model", "load_checkpoint", "read_checkpoint_config", "UnsafeModelFileError",
-           "CONFIG_NAME", "WEIGHTS_NAME", "HISTORY_NAME"]
+__all__ = ["save_checkpoint", "load_model", "load_checkpoint", "load_checkpoint_folder", "read_checkpoint_config",
+           "is_checkpoint_path", "resolve_model_spec", "shipped_checkpoint", "UnsafeModelFileError",
+           "CONFIG_NAME", "WEIGHTS_NAME", "HISTORY_NAME", "SHIPPED_MODELS"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
@@ -40,6 +48,8 @@ HISTORY_NAME = "history.json"
 FORMAT = "voxplain-checkpoint"
 _FACTORY = re.compile(r"^(?P<module>[^:]+):(?P<attr>[A-Za-z_][\w.]*)$")
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "weights")
+#: checkpoints shipped in ``voxplain/assets/models``, usable by name as a model spec
+SHIPPED_MODELS = ("demo-grade", "demo-unet", "demo-slices")
 
 
 class UnsafeModelFileError(ValueError):
@@ -76,7 +86,7 @@ def save_checkpoint(model: nn.Module, config: Mapping | None, out: str | os.Path
                          "or pass config={'model': NAME, 'model_config': {...}}")
     meta = {"format": FORMAT, "version": 1, **_jsonable(meta), "weights": WEIGHTS_NAME}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="checkpoint") as tmp:
         torch.save(state, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         if history is not None:
@@ -86,6 +96,34 @@ def save_checkpoint(model: nn.Module, config: Mapping | None, out: str | os.Path
 
 def _config_path(path: Path) -> Path:
     return path / CONFIG_NAME if path.is_dir() else path
+
+
+def is_checkpoint_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a checkpoint: an existing folder or ``.json`` file (its config).
+
+    This only says how a user-typed model spec is read; whether the folder really
+    holds a checkpoint is checked when it is loaded (:func:`read_checkpoint_config`).
+    """
+    path = Path(path)
+    return path.exists() and (path.is_dir() or path.suffix == ".json")
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """Folder of a checkpoint shipped with voxplain (one of :data:`SHIPPED_MODELS`)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"{name!r} is not a shipped model; shipped: {', '.join(SHIPPED_MODELS)}")
+    path = Path(str(resources.files("voxplain").joinpath("assets", "models", name)))
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"the shipped model {name} is missing at {path}; reinstall voxplain")
+    return path
+
+
+def resolve_model_spec(spec: str | os.PathLike) -> str | Path:
+    """``spec`` as typed, or the shipped checkpoint's folder for a shipped model's name with no local path of
+    that name (a local folder ``demo-unet`` wins over the shipped ``demo-unet``)."""
+    if isinstance(spec, str) and spec in SHIPPED_MODELS and not Path(spec).exists():
+        return shipped_checkpoint(spec)
+    return spec
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
@@ -102,20 +140,42 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return meta
 
 
+def _weights_in(cfg_path: Path, meta: dict) -> Path:
+    """The weights file a checkpoint config names: a file inside the checkpoint folder, nowhere else."""
+    name = meta.get("weights", WEIGHTS_NAME)
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{cfg_path}: 'weights' must name a file inside the checkpoint folder (e.g. "
+                         f"{WEIGHTS_NAME!r}), got {name!r}; refusing to read a file outside it")
+    return cfg_path.parent / name
+
+
 def load_checkpoint(path: str | os.PathLike, weights: str | os.PathLike | None = None,
                     device=None) -> tuple[nn.Module, dict]:
     """Rebuild the model of checkpoint ``path`` and load its weights; returns ``(model, config)``."""
     cfg_path = _config_path(Path(path))
     meta = read_checkpoint_config(cfg_path)
+    weights_path = Path(weights) if weights is not None else _weights_in(cfg_path, meta)
     try:
         model = build_model(meta["model"], **meta.get("model_config", {}))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{cfg_path}: cannot rebuild model {meta['model']!r}: {err}") from None
-    weights_path = Path(weights) if weights is not None else cfg_path.parent / meta.get("weights", WEIGHTS_NAME)
     _load_weights_into(model, weights_path, device)
     if device is not None:
         model.to(device)
     return model.eval(), meta
+
+
+def load_checkpoint_folder(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
+    """Load the checkpoint folder ``path`` and nothing else: for paths read from files or databases.
+
+    Unlike :func:`load_model`, a path that is not a checkpoint folder is an error,
+    never a ``module:factory`` to import or a model file to unpickle.
+    """
+    path = Path(path)
+    if not (path.is_dir() and (path / CONFIG_NAME).is_file()):
+        raise FileNotFoundError(f"{str(path)!r} is not a voxplain checkpoint folder (a folder with {CONFIG_NAME} "
+                                f"and {WEIGHTS_NAME}) on this machine")
+    return load_checkpoint(path, device=device)
 
 
 def _torch_load_weights(path: Path, device=None):
@@ -199,16 +259,21 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
     ``spec`` may be
 
     * a voxplain checkpoint folder or its ``config.json`` (``weights`` overrides its weights file);
-    * ``"package.module:factory"`` or ``"path/to/file.py:factory"``: the factory is called
-      without arguments and ``weights`` (a state_dict file) is loaded with ``weights_only=True``;
-    * a TorchScript file (``torch.jit.save``);
+    * a shipped checkpoint's name (:data:`SHIPPED_MODELS`), unless a local path has that name;
+    * ``"package.module:factory"`` or ``"path/to/file.py:factory"``: the module is imported (its code
+      runs), the factory is called without arguments and ``weights`` (a state_dict file) is loaded
+      with ``weights_only=True``;
+    * a TorchScript file (``torch.jit.save``; it carries code that runs: trusted files only);
     * a file holding a whole pickled ``nn.Module``: refused unless ``allow_unsafe_pickle=True``.
 
-    ``device`` (optional) is where tensors are loaded and the model is moved.
+    ``spec`` is what a user typed: never pass a string read from a file or database here
+    (use :func:`load_checkpoint_folder`). ``device`` (optional) is where tensors are loaded
+    and the model is moved.
     """
+    spec = resolve_model_spec(spec)
     path = Path(spec)
     if path.exists():
-        if path.is_dir() or path.suffix == ".json":
+        if is_checkpoint_path(path):
             return load_checkpoint(path, weights, device)[0]
         if weights is not None:
             raise ValueError(f"a weights file is only used with a checkpoint or 'module:factory', "
@@ -216,8 +281,8 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
         return _load_model_file(path, allow_unsafe_pickle, device)
     factory = _import_factory(str(spec))
     if factory is None:
-        raise FileNotFoundError(f"model {str(spec)!r} not found: expected a checkpoint folder, a model file "
-                                "or 'module:factory'")
+        raise FileNotFoundError(f"model {str(spec)!r} not found: expected a checkpoint folder, a shipped model "
+                                f"({', '.join(SHIPPED_MODELS)}), a model file or 'module:factory'")
     model = factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
@@ -242,8 +307,9 @@ def _load_model_file(path: Path, allow_unsafe_pickle: bool, device=None) -> nn.M
                 f"{path} holds a pickled Python object (probably a whole model saved with torch.save(model)). "
                 "Unpickling can run arbitrary code hidden in the file, so it is refused by default. "
                 "If you trust the file's source, pass allow_unsafe_pickle=True (--allow-unsafe-pickle on the "
-                "command line); safer: save model.state_dict() and load it with 'module:factory' + weights, "
-                "or export TorchScript"
+                "command line). Safer: save model.state_dict() and load it as 'module:factory' with that file "
+                "as --weights (read with weights_only=True), or, for voxplain's zoo models, a checkpoint folder "
+                "(voxplain.models.save_checkpoint)"
             ) from None
         try:
             obj = torch.load(path, map_location=device or "cpu", weights_only=False)

@@ -124,8 +124,14 @@ def _figure_html(title: str, png: bytes) -> str:
 
 
 def _json_script(payload: Any) -> str:
-    # "</" inside a script element would end it early
-    return json.dumps(payload, default=str).replace("</", "<\\/")
+    # Inside a script element, "</script" ends it and "<!--" switches the parser into a state in
+    # which the viewer's own script would be swallowed: no "<" (nor ">", "&") may appear at all.
+    # JSON's \u escapes read back as the same characters. U+2028/2029 are escaped for old parsers.
+    text = json.dumps(payload, default=str)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                          ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def render_html(studies: Sequence[Study], figures: Sequence[tuple[str, bytes | str | os.PathLike]] = (),

@@ -1,7 +1,8 @@
 """Read what ``voxplain explain`` / ``inspect`` are pointed at into :class:`Case` objects.
 
 Accepted: a BraTS case folder, a folder of case folders, one or more NIfTI files
-(one channel each, or one 4D file when its volumes are channels), a PNG/JPEG image. Volumes come back in RAS
+(one channel each, or one 4D file when its volumes are channels), a 2D image (PNG, JPEG, TIFF, BMP;
+16-bit kept). Volumes come back in RAS
 voxel order with the :class:`~voxplain.data.nifti.NiftiMeta` of their source, so
 maps can be written back on the scan's grid.
 """
@@ -16,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Case", "load_cases", "IMAGE_SUFFIXES"]
+from ..data.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+__all__ = ["Case", "load_cases", "IMAGE_SUFFIXES"]
 
 
 @dataclass
@@ -64,22 +65,15 @@ def _strip_nifti(name: str) -> str:
 
 
 def _load_image(path: Path, channels: int | None) -> Case:
-    from PIL import Image, UnidentifiedImageError
+    from ..data.images import load_image
 
-    try:
-        with Image.open(path) as img:
-            mode = "L" if (channels == 1 or (channels is None and img.mode in ("L", "I", "I;16", "1", "LA"))) \
-                else "RGB"
-            array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
-    image = array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+    image = load_image(path, channels)
     names = ["grey"] if image.shape[0] == 1 else ["red", "green", "blue"]
-    return Case(path.stem, np.ascontiguousarray(image), names)
+    return Case(path.stem, image, names)
 
 
 def _load_nifti_files(paths: Sequence[Path], channels_from_4d: bool = False) -> Case:
-    from ..data.nifti import load_nifti
+    from ..data.nifti import check_same_grid, load_nifti
 
     arrays, names, meta = [], [], None
     for p in paths:
@@ -88,9 +82,8 @@ def _load_nifti_files(paths: Sequence[Path], channels_from_4d: bool = False) -> 
             data = data[None]
         if meta is None:
             meta = m
-        elif data.shape[1:] != arrays[0].shape[1:] or not np.allclose(m.affine, meta.affine, atol=1e-3):
-            raise ValueError(f"{p} is not on the same grid as {paths[0]} (shape {data.shape[1:]} vs "
-                             f"{arrays[0].shape[1:]}, or another affine); resample it first")
+        else:
+            check_same_grid((paths[0], meta, arrays[0].shape[1:]), (p, m, data.shape[1:]))
         arrays.append(data)
         stem = _strip_nifti(p.name)
         names += [stem] if data.shape[0] == 1 else [f"{stem}[{i}]" for i in range(data.shape[0])]

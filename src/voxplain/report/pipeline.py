@@ -7,9 +7,10 @@ it), turn the command's target spec into targets, explain, and write the report.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,38 +19,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
-from ..targets import Target
+from ..atomic import atomic_dir, check_replaceable
+from ..run import Run, open_run
+from ..targets import SegmentationTarget, Target
 from .inputs import Case, load_cases
 from .figures import comparison_grid, study_rows
 from .study import Study
 from .case_study import case_prediction, case_study, target_info
 from .prediction import prediction_line
-from .layer_labels import layer_output_shapes, short_layer_labels
-from .regions import DEFAULT_REGION
+from .layer_labels import short_layer_labels
+from .regions import DEFAULT_REGION, independent_channels
 from .summary import jsonable
-from .target_choice import channel_names, choose_targets, parse_targets
-from .writer import ScanSpace, slug, write_index, write_report
+from .target_choice import TargetChoice, channel_names, choose_targets, parse_targets
+from .writer import ScanSpace, slug, unique_slugs, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
-           "explain_case", "inspect_case", "run_explain", "run_inspect"]
+           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect"]
 
 
 @dataclass
 class LoadedModel:
-    """A model and what its checkpoint says about it (empty for other model kinds)."""
+    """A model and what its checkpoint says about it (empty for other model kinds).
+
+    ``output_key``: for a model returning a tuple, list or dict, which output to explain.
+    """
 
     model: nn.Module
     config: dict = field(default_factory=dict)
     spec: str = ""
+    output_key: Any = None
 
 
 def load_model_spec(spec: str, weights: str | None = None, allow_unsafe_pickle: bool = False) -> LoadedModel:
-    """Load ``spec`` (checkpoint folder, ``module:factory`` + weights, TorchScript file)."""
-    from ..models.checkpoint import load_checkpoint, load_model
+    """Load ``spec`` (checkpoint folder, shipped model name, ``module:factory`` + weights, TorchScript file)."""
+    from ..models.checkpoint import is_checkpoint_path, load_checkpoint, load_model, resolve_model_spec
 
-    path = Path(spec)
-    if path.exists() and (path.is_dir() or path.suffix == ".json"):
+    path = resolve_model_spec(spec)
+    if is_checkpoint_path(path):
         model, config = load_checkpoint(path, weights)
         return LoadedModel(model, config, str(spec))
     return LoadedModel(load_model(spec, weights, allow_unsafe_pickle=allow_unsafe_pickle), {}, str(spec))
@@ -128,12 +134,29 @@ def prepare_case(case: Case, model: nn.Module, config: dict | None = None, norma
 MAX_CASE_ROWS = 8
 
 
-def _forward(model: nn.Module, x: torch.Tensor, device) -> torch.Tensor:
-    from ..engine import Engine
-    from ..explain import _forward_original
+@contextlib.contextmanager
+def open_case(loaded: LoadedModel, x: torch.Tensor, task: str, target_spec: str | None, device=None,
+              region: str | None = None, seg: np.ndarray | None = None, case_name: str = "the case",
+              **kwargs) -> Iterator[tuple[Run, list[TargetChoice]]]:
+    """:func:`~voxplain.run.open_run` on a prepared case, its targets chosen from the model's output.
 
-    with Engine(model, device=device) as engine:
-        return _forward_original(engine, x.to(engine.device)).cpu()
+    Yields the run and every target of the command's spec, explained or skipped
+    (:func:`~voxplain.report.target_choice.choose_targets`; ``region`` and the case's
+    ground truth ``seg`` on the model's grid choose the segmentation pooling). The run
+    is bound to the first explainable target; explain the others with
+    ``run.retarget(choice.target)``. When every target is skipped the run is bound to
+    the first channel pooled over all voxels, only so that it can be opened: nothing
+    should be explained then. ``kwargs`` as for ``open_run``.
+    """
+    choices: list[TargetChoice] = []
+
+    def first_target(output: torch.Tensor) -> Target:
+        choices.extend(choose_targets(task, target_spec, output.cpu(), loaded.config, region, seg, case_name))
+        explainable = [c.target for c in choices if c.target is not None]
+        return explainable[0] if explainable else SegmentationTarget(0, region=None)
+
+    with open_run(loaded.model, x, first_target, device=device, output_key=loaded.output_key, **kwargs) as run:
+        yield run, choices
 
 
 def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, methods: Sequence[str],
@@ -145,19 +168,19 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
 
     Segmentation targets pool their channel over ``region`` (default: the predicted
     voxels; see :mod:`voxplain.report.target_choice`); a target with an empty region
-    is skipped and the study says why.
+    is skipped and the study says why. All targets share one run (one first forward).
     """
-    from ..explain import explain_detailed
+    from ..methods import create_methods
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre)
-    output = _forward(loaded.model, prepared.x, device)
-    choices = choose_targets(task, target_spec, output, loaded.config, region, prepared.seg, case.name)
+    method_objs = create_methods(methods, options)
     explanations = {}
-    for choice in choices:
-        if choice.target is not None:
-            explanations[choice.label] = explain_detailed(
-                loaded.model, prepared.x, choice.target, methods, options, device=device, batch_size=batch_size,
-                memory_budget=memory_budget, seed=seed, progress=progress)
+    with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name, seed=seed,
+                   progress=progress, batch_size=batch_size, memory_budget=memory_budget) as (first, choices):
+        output = first.output.cpu()
+        explainable = [c for c in choices if c.target is not None]
+        for i, choice in enumerate(explainable):
+            explanations[choice.label] = (first if i == 0 else first.retarget(choice.target)).explain(method_objs)
     model_info = {k: loaded.config[k] for k in ("model", "model_config", "task") if k in loaded.config}
     settings = {"model": loaded.spec, "model_config": jsonable(model_info), "task": task,
                 "region": region or DEFAULT_REGION if task == "segment" else None, "preprocessing": prepared.notes}
@@ -168,44 +191,43 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     return study, scan
 
 
-def check_output_folder(out: str | os.PathLike) -> Path:
-    """``out`` as a path, refusing a file or a non-empty folder that is not an earlier voxplain output.
+def check_output_folder(out: str | os.PathLike, kind: str = "explain") -> Path:
+    """``out`` as a path, refusing (early, before any work) what :func:`voxplain.atomic.check_replaceable` refuses.
 
-    The output folder is replaced as a whole once the new one is complete, so an
-    unrelated folder given by mistake must never be taken.
+    The output folder is replaced as a whole once the new one is complete, so only an
+    empty folder or an earlier output of the same ``kind`` that holds nothing else is taken.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).is_file() for n in ("summary.json", "index.html")):
-        raise ValueError(f"--out {out} is a non-empty folder that is not a voxplain output (no summary.json or "
-                         "index.html); it would be replaced, so choose a new or empty folder")
-    return out
+    return check_replaceable(out, kind)
 
 
 def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None,
                 methods: Sequence[str], weights: str | None = None, options: dict | None = None, device=None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
-                channels: int | None = None, command: str = "", channels_from_4d: bool = False) -> Path:
+                channels: int | None = None, command: str = "", output_key=None,
+                channels_from_4d: bool = False) -> Path:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
     from ..methods import create_method
 
-    out = check_output_folder(out)
+    out = check_output_folder(out, "explain")
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded.output_key = output_key
     cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
                 "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
                 "methods": list(methods), "options": options or {}, "seed": seed,
                 "device": str(device or "model's device")}
-    with atomic_dir(out) as tmp:
+    if output_key is not None:
+        settings["output_key"] = output_key
+    folders = unique_slugs([case.name for case in cases])
+    with atomic_dir(out, kind="explain") as tmp:
         entries, rows, skipped = [], [], []
-        for case in cases:
+        for case, sub in zip(cases, folders):
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
                                        batch_size, memory_budget, region)
-            folder = tmp / slug(case.name) if len(cases) > 1 else tmp
+            folder = tmp / sub if len(cases) > 1 else tmp
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
                          title=f"voxplain: {case.name}")
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
@@ -227,26 +249,26 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     return out
 
 
-def layer_by_layer(loaded: LoadedModel, x: torch.Tensor, target: Target, output: torch.Tensor, device=None,
-                   batch_size: int | None = None, memory_budget: str | None = None
+def layer_by_layer(run: Run, layers: Sequence[str] | None = None
                    ) -> tuple[dict[str, np.ndarray], dict[str, str], list[dict[str, Any]]]:
-    """Grad-CAM at every conv layer in network order: ``(CAMs, figure titles, layer table)``.
+    """Grad-CAM of the run's target at every conv layer in network order: ``(CAMs, figure titles, layer table)``.
 
     CAMs are upsampled to the input, (1, *spatial) per layer; titles name layers
     like ``enc 1`` / ``bottleneck`` / ``dec 1`` / ``head``
     (:func:`~voxplain.report.layer_labels.short_layer_labels`) with their output
     size; the table lists label, module path and output shape of each layer (for
-    ``summary.json``).
+    ``summary.json``). The layers' shapes come from the run's trace (no extra forward).
+    ``layers``: names to use instead of the conv blocks.
     """
-    from ..methods.gradcam import gradcam_per_layer
+    from ..methods.gradcam import layer_cams
 
-    cams = gradcam_per_layer(loaded.model, x, target, device=device, batch_size=batch_size,
-                             memory_budget=memory_budget)
-    shapes = layer_output_shapes(loaded.model, x, list(cams), lambda m, xx: _forward(m, xx, device))
-    labels = short_layer_labels(shapes, tuple(output.shape[1:]))
+    cams = layer_cams(run, layers)
+    traced = {info.name: info.output_shape for info in run.trace() if info.output_shape is not None}
+    shapes = [(n, tuple(traced[n][1:])) for n in cams if n in traced]
+    labels = short_layer_labels(shapes, tuple(run.output.shape[1:]))
     table = [{"label": labels.get(n, n), "module": n, "output_shape": list(shape)} for n, shape in shapes]
     titles = {n: f"{labels[n]} · {'×'.join(str(d) for d in shape[1:])}" for n, shape in shapes if n in labels}
-    return {n: cam[0].numpy() for n, cam in cams.items()}, titles, table
+    return {n: cam[0].detach().to("cpu", torch.float32).numpy() for n, cam in cams.items()}, titles, table
 
 
 def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, device=None,
@@ -261,32 +283,26 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     for the viewer and NIfTI files), where its maps go, the chosen layer's per-filter
     activations (K, *layer spatial) and that layer's name.
     """
-    from ..engine import Engine
     from ..methods.layer_select import inspection_layers, resolve_layer
 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise)
-    output = _forward(loaded.model, prepared.x, device)
-    choices = choose_targets(task, target_spec, output, loaded.config, region, prepared.seg, case.name)
-    choice = next((c for c in choices if c.target is not None), None)
-    if choice is None:
-        raise ValueError(f"nothing to inspect in {case.name}: "
-                         + "; ".join(f"{c.label}: {c.skipped}" for c in choices) + "; try --region all")
-    layers, titles, table = layer_by_layer(loaded, prepared.x, choice.target, output, device, batch_size,
-                                           memory_budget)
-    labels = {row["module"]: row["label"] for row in table}
-    if layer is None:
-        with Engine(loaded.model, device=device) as engine:
-            chosen = inspection_layers(engine, prepared.x.to(engine.device))
-        layer = chosen[len(chosen) // 2][0] if chosen else next(iter(layers))
-    module = resolve_layer(loaded.model, layer)
-    captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, i, o: captured.append(o.detach().cpu()))
-    try:
-        _forward(loaded.model, prepared.x, device)
-    finally:
-        handle.remove()
-    if not captured or captured[0].ndim != prepared.x.ndim:
+    with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name,
+                   batch_size=batch_size, memory_budget=memory_budget) as (run, choices):
+        choice = next((c for c in choices if c.target is not None), None)
+        if choice is None:
+            raise ValueError(f"nothing to inspect in {case.name}: "
+                             + "; ".join(f"{c.label}: {c.skipped}" for c in choices) + "; try --region all")
+        output = run.output.cpu()
+        chosen = inspection_layers(run.engine, run.x, run.trace())
+        if layer is None:
+            layer = chosen[len(chosen) // 2][0] if chosen else None
+        # read from the first forward while the run still keeps it, before the CAMs' pass
+        activations = run.layer_outputs([resolve_layer(loaded.model, layer)])[0].cpu() if layer else None
+        # no conv blocks to follow: Grad-CAM at the layer named with --layer (with none, a clear error)
+        layers, titles, table = layer_by_layer(run, None if chosen or layer is None else [layer])
+    if activations.ndim != prepared.x.ndim:
         raise ValueError(f"layer {layer!r} has no spatial output to show per filter")
+    labels = {row["module"]: row["label"] for row in table}
     names = list(layers)
     shown = {choice.label: {f"gradcam@{labels.get(n, n)}": layers[n]
                             for n in dict.fromkeys([names[0], names[len(names) // 2], names[-1]])}}
@@ -298,29 +314,31 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                   spacing=case.spacing, layers=layers, targets={choice.label: target_info(choice)},
                   skipped={c.label: c.skipped for c in choices if c.skipped}, layer_labels=titles)
     scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
-    return study, scan, captured[0][0].numpy(), layer
+    return study, scan, activations[0].numpy(), layer
 
 
 def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None = None,
                 layer: str | None = None, weights: str | None = None, device=None,
                 allow_unsafe_pickle: bool = False, channels: int | None = None, command: str = "",
-                batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
-                channels_from_4d: bool = False) -> Path:
+                batch_size: int | None = None, memory_budget: str | None = None, output_key=None,
+                region: str | None = None, channels_from_4d: bool = False) -> Path:
     """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
     from .figures import filter_grid
 
-    out = check_output_folder(out)
+    out = check_output_folder(out, "inspect")
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded.output_key = output_key
     cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
                 "target": target, "region": region or DEFAULT_REGION if task == "segment" else None, "layer": layer}
-    with atomic_dir(out) as tmp:
+    folders = unique_slugs([case.name for case in cases])
+    with atomic_dir(out, kind="inspect") as tmp:
         entries = []
-        for case in cases:
+        for case, sub in zip(cases, folders):
             study, scan, acts, chosen = inspect_case(loaded, case, task, target, device, layer,
                                                      batch_size=batch_size, memory_budget=memory_budget,
                                                      region=region)
-            folder = tmp / slug(case.name) if len(cases) > 1 else tmp
+            folder = tmp / sub if len(cases) > 1 else tmp
             rel = f"figures/filters_{slug(chosen)}.png"
             filter_grid(folder / rel, acts, chosen)
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,

@@ -20,7 +20,7 @@ from .nifti_maps import map_filename, save_map_nifti
 from .study import Study
 from .summary import study_summary, write_json
 
-__all__ = ["ScanSpace", "write_report", "write_index", "slug"]
+__all__ = ["ScanSpace", "write_report", "write_index", "slug", "unique_slugs"]
 
 
 @dataclass
@@ -51,6 +51,22 @@ class ScanSpace:
 def slug(name: str) -> str:
     """A file-name-safe version of ``name``."""
     return re.sub(r"[^A-Za-z0-9.\-]+", "_", name).strip("_").lower() or "study"
+
+
+def unique_slugs(names: Sequence[str]) -> list[str]:
+    """:func:`slug` of each name, made unique (names such as "Case 1" and "case_1" share a slug):
+    a repeat gets ``-2``, ``-3``... in the order given."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        base = candidate = slug(name)
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: dict[str, Any] | None = None,

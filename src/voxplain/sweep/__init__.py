@@ -4,7 +4,8 @@
 sampler, RDB storage: SQLite by default, PostgreSQL/MySQL to spread over
 machines), then writes ``trials.csv``, ``histories.json``, one accuracy figure per
 block count, a summary figure and the best model's checkpoint (``best_model/``).
-Running it again on the same folder resumes: finished trials are kept.
+Running it again on the same folder resumes: finished trials are kept. Only a
+folder the sweep itself made is resumed (see :func:`open_sweep_folder`).
 """
 
 from __future__ import annotations
@@ -14,17 +15,29 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import atomic_dir, atomic_file, claim_folder
 from .data import DATA_FILE, SweepData
 from .grid import SweepGrid, config_key
 from .plots import plot_block_grids, plot_summary
 from .results import TrialResult, best_result, collect_results, write_histories, write_trials_csv
-from .runner import SweepSettings, grid_status, open_study, run_sweep
+from .runner import SweepSettings, check_storage, grid_status, open_study, run_sweep
 
 __all__ = ["SweepGrid", "SweepSettings", "SweepOutcome", "SweepData", "prepare_data", "run_grid_sweep",
-           "config_key", "grid_status", "open_study"]
+           "config_key", "grid_status", "open_study", "open_sweep_folder", "check_storage"]
 
 SETTINGS_FILE = "sweep.json"
+#: the default SQLite storage and the files SQLite keeps beside it
+STORAGE_FILES = ("sweep.db", "sweep.db-journal", "sweep.db-wal", "sweep.db-shm")
+
+
+def open_sweep_folder(out: str | Path) -> Path:
+    """Create the sweep folder ``out``, or take it up again to resume if a sweep made it.
+
+    A folder holding anything voxplain's sweep did not write there is refused
+    (:class:`~voxplain.atomic.OutputFolderError`), so that no file of the user's is
+    overwritten or deleted.
+    """
+    return claim_folder(out, "sweep", expected=STORAGE_FILES)
 
 
 @dataclass
@@ -35,6 +48,12 @@ class SweepOutcome:
     best: TrialResult
     best_model: Path
     files: list[Path]
+    baseline: float | None = None  # validation accuracy of always predicting the majority class
+
+    @property
+    def beats_baseline(self) -> bool:
+        """Whether the best trial is better than a constant predictor (True when no baseline is known)."""
+        return self.baseline is None or self.best.best_val_accuracy > self.baseline + 1e-9
 
 
 def prepare_data(out: Path, data: str | Path | None, image_size: int, max_images: int | None, seed: int,
@@ -44,7 +63,7 @@ def prepare_data(out: Path, data: str | Path | None, image_size: int, max_images
     A sweep folder holds one data set: asking for other data settings there is an error,
     so that resumed trials are comparable with the finished ones.
     """
-    out = Path(out)
+    out = open_sweep_folder(out)
     wanted = {"data": str(Path(data).resolve()) if data is not None else None, "image_size": image_size,
               "max_images": max_images, "seed": seed, "val_fraction": val_fraction,
               "phantom_subjects": phantom_subjects if data is None else None}
@@ -76,9 +95,16 @@ def prepare_data(out: Path, data: str | Path | None, image_size: int, max_images
     return prepared
 
 
-def run_grid_sweep(settings: SweepSettings, workers: int = 1, progress_bar=None) -> SweepOutcome:
-    """Run (or resume) the grid, then write the tables, figures and the best model into ``settings.out``."""
-    out = Path(settings.out)
+def run_grid_sweep(settings: SweepSettings, workers: int = 1, progress_bar=None,
+                   baseline: float | None = None) -> SweepOutcome:
+    """Run (or resume) the grid, then write the tables, figures and the best model into ``settings.out``.
+
+    ``baseline``: validation accuracy of a constant majority-class predictor, written
+    beside every trial's accuracy (default: computed from the sweep's data file).
+    """
+    out = open_sweep_folder(settings.out)
+    if baseline is None:
+        baseline = SweepData.load(settings.data_file).majority_baseline()
     study = run_sweep(settings, workers=workers, progress_bar=progress_bar)
     grid = settings.grid
     results = collect_results(study, grid)
@@ -87,13 +113,14 @@ def run_grid_sweep(settings: SweepSettings, workers: int = 1, progress_bar=None)
         raise RuntimeError(f"the sweep ended with {len(missing)} configuration(s) unfinished: {missing[:5]}; "
                            "re-run the same command to resume")
     best = best_result(results)
-    files = [write_trials_csv(results, out / "trials.csv"), write_histories(results, out / "histories.json")]
-    files += plot_block_grids(results, grid, out)
-    files.append(plot_summary(results, out))
+    files = [write_trials_csv(results, out / "trials.csv", baseline=baseline),
+             write_histories(results, out / "histories.json")]
+    files += plot_block_grids(results, grid, out, baseline=baseline)
+    files.append(plot_summary(results, out, baseline=baseline))
     best_model = out / "best_model"
     local = out / "trials" / best.config
     if local.is_dir():
-        with atomic_dir(best_model) as tmp:
+        with atomic_dir(best_model, kind="checkpoint") as tmp:
             shutil.copytree(local, tmp, dirs_exist_ok=True)
         files.append(best_model)
     else:  # trained by a worker on another machine sharing the storage
@@ -103,4 +130,4 @@ def run_grid_sweep(settings: SweepSettings, workers: int = 1, progress_bar=None)
                                              "checkpoint": best.checkpoint}, indent=2) + "\n")
         files.append(where)
         best_model = Path(best.checkpoint) if best.checkpoint else where
-    return SweepOutcome(results=results, best=best, best_model=best_model, files=files)
+    return SweepOutcome(results=results, best=best, best_model=best_model, files=files, baseline=baseline)

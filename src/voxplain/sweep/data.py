@@ -42,6 +42,11 @@ class SweepData:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
+    def majority_baseline(self) -> float:
+        """Validation accuracy of a constant predictor: the share of the training set's most frequent class."""
+        majority = int(torch.bincount(self.train_y, minlength=len(self.class_names)).argmax())
+        return float((self.val_y == majority).float().mean()) if len(self.val_y) else 0.0
+
     def train_dataset(self) -> TensorDataset:
         return TensorDataset(self.train_x, self.train_y)
 

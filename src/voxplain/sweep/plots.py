@@ -23,8 +23,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_block_grids(results: list[TrialResult], grid: SweepGrid, out: Path) -> list[Path]:
-    """One figure per block count: a batch size x learning rate grid of accuracy-per-epoch curves."""
+def plot_block_grids(results: list[TrialResult], grid: SweepGrid, out: Path,
+                     baseline: float | None = None) -> list[Path]:
+    """One figure per block count: a batch size x learning rate grid of accuracy-per-epoch curves.
+
+    ``baseline`` (majority-class accuracy) is drawn as a dashed line in every panel.
+    """
     by_key = {(r.blocks, r.batch_size, r.learning_rate): r for r in results}
     paths = []
     for blocks in grid.blocks:
@@ -43,6 +47,8 @@ def plot_block_grids(results: list[TrialResult], grid: SweepGrid, out: Path) -> 
                     ax.plot(epochs, [h["val_accuracy"] for h in r.history], "-s", ms=3, label="validation")
                     if r.diverged:
                         ax.text(0.5, 0.1, "diverged", ha="center", color="red", transform=ax.transAxes)
+                if baseline is not None:
+                    ax.axhline(baseline, color="grey", ls="--", lw=1, label="majority class")
                 ax.set_ylim(0, 1.02)
                 ax.grid(alpha=0.3)
                 if i == 0:
@@ -58,8 +64,12 @@ def plot_block_grids(results: list[TrialResult], grid: SweepGrid, out: Path) -> 
     return paths
 
 
-def plot_summary(results: list[TrialResult], out: Path) -> Path:
-    """Final validation accuracy against each hyper-parameter (one panel each)."""
+def plot_summary(results: list[TrialResult], out: Path, baseline: float | None = None) -> Path:
+    """Final validation accuracy against each hyper-parameter (one panel each).
+
+    ``baseline``, the accuracy of always predicting the majority class, is drawn as a
+    dashed line: a trial on or below it has learnt nothing a constant would not.
+    """
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
     for ax, key, label in zip(axes, ("blocks", "batch_size", "learning_rate"),
                               ("conv blocks", "batch size", "learning rate")):
@@ -68,11 +78,16 @@ def plot_summary(results: list[TrialResult], out: Path) -> Path:
         xs = [pos[getattr(r, key)] for r in results]
         ax.scatter(xs, [r.final_val_accuracy for r in results], alpha=0.6, s=18, label="final")
         ax.scatter(xs, [r.best_val_accuracy for r in results], marker="_", s=120, c="k", label="best")
+        if baseline is not None:
+            ax.axhline(baseline, color="tab:red", ls="--", lw=1,
+                       label=f"majority class ({baseline:.3f})")
         ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Sweep summary")
+    beaten = sum(r.best_val_accuracy > baseline + 1e-9 for r in results) if baseline is not None else None
+    fig.suptitle("Sweep summary" + (f": {beaten} of {len(results)} trials beat the majority-class baseline"
+                                    if beaten is not None else ""))
     fig.tight_layout()
     return _save(fig, out / "summary.png")

@@ -16,7 +16,7 @@ from .grid import SweepGrid, config_key
 __all__ = ["TrialResult", "collect_results", "write_trials_csv", "write_histories", "best_result", "CSV_COLUMNS"]
 
 CSV_COLUMNS = ["config", "blocks", "batch_size", "learning_rate", "best_val_accuracy", "final_val_accuracy",
-               "best_epoch", "epochs", "seconds", "trial", "diverged", "host"]
+               "majority_baseline", "beats_baseline", "best_epoch", "epochs", "seconds", "trial", "diverged", "host"]
 
 
 @dataclass
@@ -69,14 +69,20 @@ def best_result(results: list[TrialResult]) -> TrialResult:
     return max(results, key=lambda r: (r.best_val_accuracy, -r.blocks))
 
 
-def write_trials_csv(results: list[TrialResult], path: str | Path) -> Path:
-    """``trials.csv``: one row per configuration (history left out; see ``histories.json``)."""
+def write_trials_csv(results: list[TrialResult], path: str | Path, baseline: float | None = None) -> Path:
+    """``trials.csv``: one row per configuration (history left out; see ``histories.json``).
+
+    ``baseline`` (the validation accuracy of always predicting the majority class) is
+    written beside each accuracy, with whether the trial beats it.
+    """
     with atomic_file(path) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             for r in results:
                 row = asdict(r)
+                row["majority_baseline"] = "" if baseline is None else round(baseline, 6)
+                row["beats_baseline"] = "" if baseline is None else r.best_val_accuracy > baseline + 1e-9
                 writer.writerow({k: row[k] for k in CSV_COLUMNS})
     return Path(path)
 

@@ -28,7 +28,7 @@ from ..models.training import train
 from .data import SweepData
 from .grid import SweepGrid, config_key
 
-__all__ = ["SweepSettings", "open_study", "run_sweep", "run_worker", "grid_status", "STUDY_NAME"]
+__all__ = ["SweepSettings", "open_study", "run_sweep", "run_worker", "grid_status", "check_storage", "STUDY_NAME"]
 
 STUDY_NAME = "voxplain-cxai-sweep"
 
@@ -73,6 +73,50 @@ def _storage(settings: SweepSettings) -> RDBStorage:
         grace_period=settings.stale_after,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=None),
     )
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage(url: str) -> None:
+    """Refuse an SQLite storage file that exists but cannot be a sweep's: empty, corrupt or another database.
+
+    Optuna would silently start over on an empty file (retraining every trial over
+    the finished ones' checkpoints) and fail with a long traceback on a corrupt one;
+    both are left untouched with a one-line error naming the file.
+    """
+    import sqlite3
+
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url[len("sqlite:///"):])
+    if not path.exists():
+        return
+    advice = ("it is left as it is: restore it from a backup, or move it away to start the sweep over "
+              "(every trial is then trained again)")
+    if not path.is_file():
+        raise ValueError(f"sweep storage {path} is not a file; {advice}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"sweep storage {path} is empty (0 bytes), so the finished trials are lost from it; {advice}")
+    with open(path, "rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    if header != _SQLITE_HEADER:
+        raise ValueError(f"sweep storage {path} is not an SQLite database (bad header); {advice}")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=120)  # workers may hold a write lock
+        try:
+            check = con.execute("PRAGMA quick_check").fetchone()
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise ValueError(f"sweep storage {path} is corrupt ({err}); {advice}") from None
+    if not check or check[0] != "ok":
+        raise ValueError(f"sweep storage {path} is corrupt (integrity check: {check[0] if check else 'none'}); "
+                         f"{advice}")
+    if tables and not {"studies", "trials"} <= tables:
+        raise ValueError(f"sweep storage {path} is an SQLite database but not an Optuna storage (tables: "
+                         f"{', '.join(sorted(tables)[:5])}); {advice}")
 
 
 def open_study(settings: SweepSettings, attempts: int = 6) -> optuna.Study:
@@ -216,6 +260,7 @@ def run_sweep(settings: SweepSettings, workers: int = 1, progress_bar=None) -> o
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    check_storage(settings.storage)
     study = open_study(settings)  # creates the study once, before workers race to do it
     total = len(settings.grid)
     done_before = len(grid_status(study, settings.grid)["complete"])

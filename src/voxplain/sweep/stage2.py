@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..explain import explain_detailed
-from ..models import load_model
+from ..models.checkpoint import load_checkpoint_folder
 from ..report import Study, prediction_summary, write_report
 from .data import SweepData
 
@@ -30,8 +30,12 @@ def _pick_images(data: SweepData, per_class: int) -> list[int]:
 
 def explain_best(model_dir: str | Path, data: SweepData, out: str | Path, per_class: int = 2, seed: int = 0,
                  progress: bool = False) -> Path:
-    """Explain the model in ``model_dir`` on held-out images of ``data``; returns the report's path."""
-    model = load_model(model_dir)
+    """Explain the model in checkpoint folder ``model_dir`` on held-out images of ``data``; returns the report's path.
+
+    ``model_dir`` may come from the sweep's storage, so it is only ever read as a
+    checkpoint folder (never imported as ``module:factory`` code).
+    """
+    model, _ = load_checkpoint_folder(model_dir)
     studies = []
     for i in _pick_images(data, per_class):
         x = data.val_x[i:i + 1]
@@ -44,7 +48,7 @@ def explain_best(model_dir: str | Path, data: SweepData, out: str | Path, per_cl
             maps={f"class {data.class_names[predicted]}": {m: v[0] for m, v in result.maps.items()}},
             prediction=prediction_summary(result.output, class_names=data.class_names),
             settings={"options": result.options, "seconds": result.seconds, "target": result.target}))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="sweep-report") as tmp:
         write_report(tmp, studies, settings={"stage": "CXAI stage 2", "model": str(model_dir), "seed": seed},
                      title="CXAI stage 2: the sweep's best model")
     return Path(out) / "report.html"

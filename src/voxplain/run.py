@@ -1,0 +1,474 @@
+"""One explanation in progress: the checked input, the engine, the first forward, the bound target,
+and the one cache of passes the methods share.
+
+Every entry point (``explain``, ``Method.__call__``, ``gradcam_per_layer``, the
+evaluation metrics, the report pipeline) starts the same way, through
+:func:`open_run`: check the input, prepare the model (:class:`~voxplain.engine.Engine`),
+run the first forward pass, bind the target to its output. The :class:`Run` it
+yields is what methods work on (``method.attribute(run)``) and the only owner of
+passes kept between method calls:
+
+* the recorded first pass, with its autograd graph: the first gradient request at
+  exactly the run's rows uses it instead of running the model again; any other
+  pass drops it, so its memory is not held while, say, IG runs;
+* the plain and guided gradient passes at the run's rows (one plain pass serves
+  vanilla gradient, gradient x input and Grad-CAM; one guided pass serves guided
+  backprop and guided Grad-CAM);
+* the layer trace and the layers resolved from it (Grad-CAM layers).
+
+What the shared plain pass holds is declared before any method runs
+(:meth:`Run.share`), so the cost and the results do not depend on the order the
+methods run in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .engine import Engine, Gradients, LayerInfo, RecordedPass
+from .hooks import guided_types
+from .memory import MemoryBudgetError
+from .methods.base import Attribution, Method
+from .model_outputs import ModelOutputError
+from .targets import BoundTarget, Target, as_target
+
+__all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "as_batch_tensor", "seeded_generator"]
+
+
+def as_batch_tensor(x, name: str = "input") -> Tensor:
+    """``x`` (a tensor or numpy array) as a tensor of shape (B, C, *spatial) with 1 to 3 spatial
+    dimensions, or a clear error naming ``name``."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array of shape (B, C, *spatial), "
+                        f"got {type(x).__name__}")
+    if not 3 <= x.ndim <= 5:
+        raise ValueError(
+            f"{name} must have shape (B, C, *spatial) with 1 to 3 spatial dimensions (3 to 5 dims in all), "
+            f"got {x.ndim} dim(s) with shape {tuple(x.shape)}; add the batch/channel axes with "
+            "x[None] or x[None, None]"
+        )
+    return x
+
+
+def check_input(x) -> Tensor:
+    """Return ``x`` as a float32 tensor of shape (B, C, *spatial), or raise a clear error."""
+    x = as_batch_tensor(x, "input")
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {x.dtype}; convert it with x.float()")
+    if x.numel() == 0:
+        raise ValueError(f"input is empty: shape {tuple(x.shape)}")
+    # One reduction finds NaN/Inf (they propagate through a sum); only then, or on an
+    # overflowing sum of finite values, is the element-wise check run.
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
+        n_nan = int(torch.isnan(x).sum())
+        raise ValueError(
+            f"input contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite value(s); "
+            "explanations need finite inputs"
+        )
+    return x.detach().to(torch.float32)
+
+
+def seeded_generator(seed: int, salt: str) -> torch.Generator:
+    """A CPU random generator seeded from ``seed`` and ``salt`` (e.g. a method's name).
+
+    Drawing on the CPU and moving to the device gives the same numbers on any device.
+    """
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(salt.encode())) % (2**63))
+    return g
+
+
+@dataclass
+class Explanation:
+    """Maps and the facts about how they were made.
+
+    ``extras[method]`` is a dict for every method (empty if it has nothing to add):
+    e.g. ``"completeness"`` for IG-type methods, ``"warnings"`` (one line each),
+    XRAI's ``"ranks"``, ``"gains"`` and ``"base"``.
+    """
+
+    maps: dict[str, Tensor]
+    seconds: dict[str, float]
+    options: dict[str, dict[str, Any]]
+    output: Tensor  # model output on the input, CPU
+    target: dict[str, Any]  # description of the bound target
+    scores: Tensor  # explained score per sample, CPU
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class RowChunk:
+    """A piece, small enough for one pass, of ``n_samples x per_sample`` rows in sample-major order.
+
+    Row ``k`` of the whole is step ``k % per_sample`` of sample ``k // per_sample``;
+    a chunk is rows ``start .. stop - 1``, which may cover parts of several samples.
+
+    Attributes:
+        sample: (n,) the sample (row of ``run.x``) of each row of the chunk.
+        step: (n,) each row's position within its sample.
+        owner: (n,) each row's original sample (``run.sample_index[sample]``), for the target.
+        runs: ``(sample, first step, end step)`` of each sample's contiguous rows in the chunk.
+    """
+
+    start: int
+    stop: int
+    sample: Tensor
+    step: Tensor
+    owner: Tensor
+    runs: list[tuple[int, int, int]]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def add_per_sample(self, total: Tensor, values: Tensor, weights: Tensor | None = None) -> None:
+        """``total[r] += `` the sum of ``values`` over sample ``r``'s rows of the chunk.
+
+        With ``weights`` (one per step), the weighted sum ``weights[steps] @ values``, as one
+        matrix-vector product. Deterministic: no scatter-add.
+        """
+        offset = 0
+        for r, lo, hi in self.runs:
+            part = values[offset:offset + hi - lo]
+            if weights is None:
+                total[r] += part.sum(dim=0)
+            else:
+                total[r] += (weights[lo:hi] @ part.flatten(1)).view(total.shape[1:])
+            offset += hi - lo
+
+
+class _InputState:
+    """What one input gives every target explained on it: the first pass, its trace, resolved layers."""
+
+    def __init__(self, first: RecordedPass | None, trace: list[LayerInfo] | None) -> None:
+        self.first = first
+        self.trace = trace
+        self.layers: dict[Any, nn.Module] = {}
+
+
+class Run:
+    """The rows being explained, their bound target, and the passes methods share.
+
+    Use :func:`open_run` to make one; construct it directly only on an engine that is
+    already prepared (``with engine:``), for rows ``x`` on its device.
+
+    Attributes:
+        engine: the prepared engine (model in eval mode on its device).
+        x: rows to explain, (N, C, *spatial), on the engine's device.
+        target: the target bound to the original batch.
+        sample_index: (N,) original sample of each row (``arange(B)`` for the batch itself).
+        seed: seed for any randomness; each method derives its own stream from it.
+        output: the model's output at ``x`` (detached), or None for rows derived from
+            the explained input (see :meth:`at`).
+    """
+
+    def __init__(self, engine: Engine, x: Tensor, target: BoundTarget, sample_index: Tensor | None = None,
+                 seed: int = 0, output: Tensor | None = None, *, _input: _InputState | None = None,
+                 _parent: "Run | None" = None) -> None:
+        self.engine = engine
+        self.x = x
+        self.target = target
+        self.sample_index = (torch.arange(x.shape[0], device=x.device) if sample_index is None
+                             else sample_index.to(x.device))
+        self.seed = seed
+        self.output = output
+        self.parent = _parent
+        self._input = _input if _input is not None else _InputState(None, None)
+        self._passes: dict[Any, Gradients] = {}
+        self._shared_layers: list[nn.Module] = []
+        self._shared_input_gradient = False
+
+    # -- what it is ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The engine's device."""
+        return self.engine.device
+
+    @property
+    def model(self) -> nn.Module:
+        """The (prepared) model."""
+        return self.engine.model
+
+    @property
+    def n_samples(self) -> int:
+        """Number of original samples (the explained batch), also for derived rows."""
+        root = self
+        while root.parent is not None:
+            root = root.parent
+        return int(root.x.shape[0])
+
+    @property
+    def derived(self) -> bool:
+        """True for rows derived from the explained input (e.g. SmoothGrad's noisy copies)."""
+        return self.parent is not None
+
+    def generator(self, salt: str) -> torch.Generator:
+        """A CPU random generator seeded from the run's seed and ``salt`` (see :func:`seeded_generator`)."""
+        return seeded_generator(self.seed, salt)
+
+    # -- related runs ------------------------------------------------------------
+    def at(self, x: Tensor, sample_index: Tensor | None = None) -> "Run":
+        """A run over other rows (e.g. noisy copies) explaining the same target.
+
+        It shares this run's trace and resolved layers (same model and row shape) and
+        has passes of its own (nothing is declared shared at its rows).
+        """
+        if sample_index is None:
+            sample_index = self.sample_index
+        state = _InputState(None, self._input.trace)
+        state.layers = self._input.layers
+        return Run(self.engine, x, self.target, sample_index.to(x.device), self.seed, _input=state, _parent=self)
+
+    def retarget(self, target) -> "Run":
+        """A run over the same rows explaining another target.
+
+        It shares the input's first pass (if no gradient request used it yet), trace
+        and resolved layers; gradient passes depend on the target and are its own.
+        """
+        if self.derived:
+            raise ValueError("retarget a run of the explained input, not one of derived rows")
+        bound = _bind(target, self.output)
+        return Run(self.engine, self.x, bound, self.sample_index, self.seed, self.output, _input=self._input)
+
+    # -- declaring what the shared passes hold -------------------------------------
+    def share(self, methods: Sequence[Method]) -> None:
+        """Declare the methods about to run, so that the shared plain pass at ``x`` holds what they need.
+
+        The plain pass captures every layer the methods name (``method.layers(run)``)
+        and is the one Grad-CAM reads its layer from when any of them reads the plain
+        input gradient too (``method.shares_input_gradient()``); otherwise Grad-CAM's
+        pass stops at its layer. Call before the methods run.
+        """
+        layers: list[nn.Module] = []
+        for m in methods:
+            for layer in m.layers(self):
+                if all(layer is not seen for seen in layers):
+                    layers.append(layer)
+        if [id(m) for m in layers] != [id(m) for m in self._shared_layers]:
+            self._passes.pop(("plain", ()), None)  # it captured other layers
+        self._shared_layers = layers
+        self._shared_input_gradient = any(m.shares_input_gradient() for m in methods)
+
+    # -- passes at x (shared) -------------------------------------------------------
+    def input_gradients(self, guided: bool | str = False) -> Tensor:
+        """dF/dx at ``x`` (plain, or guided through the named activation set), computed once and shared."""
+        return self._pass_at_x(guided).inputs
+
+    def layer_gradients(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
+        """``layer``'s output at ``x`` and dF/d(that output), computed once and shared.
+
+        From the shared plain pass when it captures the layer and is needed anyway
+        (a method reads the plain input gradient); else from a pass whose backward
+        stops at the layer, as cheap as a layer gradient can be.
+        """
+        if any(layer is m for m in self._shared_layers) and (self._shared_input_gradient or
+                                                              ("plain", ()) in self._passes):
+            grads = self._pass_at_x(False)
+            i = next(k for k, m in enumerate(self._shared_layers) if m is layer)
+        else:
+            key = ("layer", id(layer))
+            if key not in self._passes:
+                self._passes[key] = self._compute_at_x(layers=[layer], guided=False, input_gradient=False)
+            grads, i = self._passes[key], 0
+        return grads.activations[i], grads.layer_gradients[i]
+
+    def gradients_at_layers(self, layers: Sequence[nn.Module]) -> Gradients:
+        """Outputs and output gradients of several layers at ``x`` from one pass stopping at them (not cached)."""
+        return self._compute_at_x(layers=list(layers), guided=False, input_gradient=False)
+
+    def layer_outputs(self, layers: Sequence[nn.Module]) -> list[Tensor]:
+        """Outputs of ``layers`` at ``x``: read from the first pass while it is kept, else one forward."""
+        first = self._input.first
+        if first is not None:
+            acts = [first.activation(layer) for layer in layers]
+            if all(a is not None for a in acts):
+                return [a.detach() for a in acts]
+        return self.engine.activations(self.x, layers)
+
+    def _pass_at_x(self, guided: bool | str) -> Gradients:
+        key = ("guided" if guided else "plain", guided_types(guided))
+        if key not in self._passes:
+            layers = self._shared_layers if not guided else []
+            self._passes[key] = self._compute_at_x(layers=layers, guided=guided, input_gradient=True)
+        return self._passes[key]
+
+    def _compute_at_x(self, *, layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
+        first, self._input.first = self._input.first, None
+        if first is not None:
+            grads = self.engine.backward_recorded(first, self.target, self.sample_index, layers=layers,
+                                                  guided=guided, input_gradient=input_gradient)
+            del first  # free its graph before any other pass
+            if grads is not None:
+                return grads
+        return self.engine.gradients(self.x, self.target, self.sample_index, layers=layers, guided=guided,
+                                     input_gradient=input_gradient)
+
+    # -- passes at other rows -------------------------------------------------------
+    def gradients(self, rows: Tensor, owner: Tensor, **kwargs) -> Gradients:
+        """Scores and gradients at other rows (e.g. path points), each scored for its ``owner`` sample.
+
+        Keyword arguments as :meth:`Engine.gradients`. Drops the kept first pass.
+        """
+        self.drop_first_pass()
+        return self.engine.gradients(rows, self.target, owner, **kwargs)
+
+    def scores(self, rows: Tensor, owner: Tensor) -> Tensor:
+        """Target scores (no gradient) at other rows. Drops the kept first pass."""
+        self.drop_first_pass()
+        return self.engine.scores(rows, self.target, owner)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        """The model's output (no gradient) at other rows. Drops the kept first pass."""
+        self.drop_first_pass()
+        return self.engine.forward(rows)
+
+    def drop_first_pass(self) -> None:
+        """Free the kept first pass (its graph) if no gradient request used it yet."""
+        self._input.first = None
+
+    def scores_at_x(self) -> Tensor:
+        """F at the run's rows, per row: from the first forward's output, else one forward."""
+        if self.output is not None:
+            return self.target.score(self.output, self.sample_index)
+        return self.scores(self.x, self.sample_index)
+
+    def row_chunks(self, per_sample: int, *, backward: bool = True, desc: str | None = None) -> Iterator[RowChunk]:
+        """Walk ``N x per_sample`` derived rows (sample-major) in chunks that fit one pass.
+
+        The one chunking helper of the path and perturbation methods (IG, SmoothGrad,
+        Blur IG, occlusion, Guided IG). With ``desc``, a progress bar counts the rows.
+        """
+        n = self.x.shape[0]
+        total = n * per_sample
+        bar = self.engine.progress_bar(total, desc) if desc is not None else None
+        try:
+            for sl in self.engine.chunks(total, tuple(self.x.shape[1:]), backward=backward):
+                rows = torch.arange(sl.start, sl.stop, device=self.x.device)
+                sample, step = rows // per_sample, rows % per_sample
+                runs = []
+                for r in range(sl.start // per_sample, (sl.stop - 1) // per_sample + 1):
+                    lo = max(sl.start, r * per_sample) - r * per_sample
+                    hi = min(sl.stop, (r + 1) * per_sample) - r * per_sample
+                    runs.append((r, lo, hi))
+                yield RowChunk(sl.start, sl.stop, sample, step, self.sample_index[sample], runs)
+                if bar is not None:
+                    bar.update(sl.stop - sl.start)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # -- layers -----------------------------------------------------------------------
+    def trace(self) -> list[LayerInfo]:
+        """The modules in the order they run on ``x``, with output shapes: the first forward's, else one traced
+        forward of one row (computed once per input)."""
+        if self._input.trace is None:
+            self._input.trace = self.engine.trace(self.x)
+        return self._input.trace
+
+    def resolved(self, key: Any, resolve: Callable[[], nn.Module]) -> nn.Module:
+        """``resolve()``, computed once per input and ``key`` (e.g. a Grad-CAM layer option)."""
+        if key not in self._input.layers:
+            self._input.layers[key] = resolve()
+        return self._input.layers[key]
+
+    # -- explaining --------------------------------------------------------------------
+    def explain(self, methods: Sequence[Method]) -> Explanation:
+        """Run ``methods`` on this run in turn, sharing passes; maps and extras on the CPU."""
+        if self.output is None:
+            raise ValueError("explain the run of an input (from open_run), not one of derived rows")
+        self.share(methods)
+        maps: dict[str, Tensor] = {}
+        seconds: dict[str, float] = {}
+        extras: dict[str, dict[str, Any]] = {}
+        for m in methods:
+            start = time.perf_counter()
+            result = m.attribute(self)
+            if not isinstance(result, Attribution):
+                raise TypeError(f"{type(m).__name__}.attribute must return an Attribution, "
+                                f"got {type(result).__name__}")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[m.name] = time.perf_counter() - start
+            maps[m.name] = result.map.detach().to("cpu", torch.float32)
+            extras[m.name] = result.extras
+        self.drop_first_pass()
+        return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
+                           output=self.output.detach().cpu(), target=self.target.describe(),
+                           scores=self.scores_at_x().detach().cpu(), extras=extras)
+
+    def close(self) -> None:
+        """Drop every kept pass."""
+        self._input.first = None
+        self._passes.clear()
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return m.in_channels
+    return None
+
+
+def _first_forward(engine: Engine, x: Tensor) -> tuple[Tensor, RecordedPass | None]:
+    """The model's output at ``x``, recorded with its graph when ``x`` fits one pass."""
+    try:
+        if not engine.scripted and engine.fits_one_pass(x):
+            first = engine.record(x)
+            return first.output.detach(), first
+        return engine.forward(x), None
+    except (MemoryBudgetError, ModelOutputError):
+        raise  # they say what is wrong already
+    except Exception as err:
+        expected = _first_conv_channels(engine.model)
+        hint = ""
+        if expected is not None and expected != x.shape[1]:
+            hint = f" (its first convolution expects {expected} channel(s), the input has {x.shape[1]})"
+        raise ValueError(
+            f"the model could not run on the input of shape {tuple(x.shape)}{hint}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _bind(target, output: Tensor) -> BoundTarget:
+    if callable(target) and not isinstance(target, Target):
+        target = target(output)
+    return as_target(target).bind(output)
+
+
+@contextlib.contextmanager
+def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int | None = None,
+             memory_budget: int | str | None = None, progress: bool = False, seed: int = 0,
+             output_key=None) -> Iterator[Run]:
+    """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
+
+    Args:
+        model: any differentiable PyTorch model; it comes back unchanged, even after an error.
+        x: input (B, C, *spatial), 1 to 3 spatial dimensions (checked by :func:`check_input`).
+        target: what to explain (as for :func:`voxplain.explain`), or a function that takes
+            the model's output at ``x`` and returns it (to choose it from the prediction).
+        device, batch_size, memory_budget, progress, seed, output_key: as for :func:`voxplain.explain`.
+    """
+    x = check_input(x)
+    if not (callable(target) and not isinstance(target, Target)):
+        target = as_target(target)
+    with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                progress=progress, output_key=output_key) as engine:
+        xd = x.to(engine.device)
+        output, first = _first_forward(engine, xd)
+        state = _InputState(first, first.trace if first is not None else None)
+        run = Run(engine, xd, _bind(target, output), None, seed, output, _input=state)
+        try:
+            yield run
+        finally:
+            run.close()
