@@ -86,6 +86,9 @@ class NiftiMeta:
         affine = np.asarray(affine, dtype=float)
         header = nib.Nifti1Header()
         header.set_data_shape(tuple(shape))
+        # the grid is known: maps written on it say so (scanner coordinates), rather than "unknown" (0)
+        header.set_qform(affine, code=1)
+        header.set_sform(affine, code=1)
         return cls(None, affine, tuple(int(s) for s in shape), ornt_mod.io_orientation(affine), header)
 
 
