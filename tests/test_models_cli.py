@@ -42,7 +42,7 @@ def test_train_segment_cli(cohort, tmp_path):
                "--batch-size", "2", "--size", "24", "--val-fraction", "0.25", "--patch", "16", "--flip", "--quiet"])
     assert rc == 0
     cfg, history, y = _check_outputs(out, "segment", (24, 24, 24))
-    assert cfg["model"] == "unet3d" and cfg["region_names"] == ["TC", "WT", "ET"]
+    assert cfg["model"] == "unet3d_interp" and cfg["region_names"] == ["TC", "WT", "ET"]
     assert cfg["channel_names"] == ["t1", "t1ce", "t2", "flair"] and cfg["data"]["kind"] == "cohort-regions"
     assert cfg["data"]["train"] == {"path": str(cohort), "samples": 3, "generator": "voxplain.data.phantom",
                                     "subjects": 4, "seed": 0, "resolution": 3, "grades": {"HGG": 0.5, "LGG": 0.5},

@@ -181,3 +181,15 @@ def test_heldout_scores_classify_and_segment():
     scores = heldout_scores(Fixed(pred.reshape(2, 1, 1, 4)), data, "segment", region_names=["WT"])
     assert scores["dice"]["WT"] == {"cases": 1, "mean": pytest.approx(2 / 3), "min": pytest.approx(2 / 3)}
     assert scores["empty"]["WT"] == {"cases": 1, "predicted_empty": 1, "mean_false_voxels": 0.0}
+
+
+def test_keep_best_breaks_ties_by_validation_loss():
+    # every epoch has validation accuracy 1.0 (one class only); the loss keeps falling, so the last epoch wins
+    torch.manual_seed(0)
+    model = build_model("cnn2d", blocks=2, image_size=8, dropout=0.0)
+    data = InMemoryDataset([(torch.randn(1, 8, 8), torch.tensor(0)) for _ in range(8)])
+    history = train(model, data, data, task="classify", epochs=3, batch_size=4, lr=1e-2, progress=False, keep="best")
+    assert all(r["val_accuracy"] == 1.0 for r in history)
+    losses = [r["val_loss"] for r in history]
+    assert [r["kept"] for r in history] == [loss == min(losses) for loss in losses]
+    assert history[-1]["kept"]

@@ -30,32 +30,35 @@ Presets fix every training choice (model, sizes, epochs, lr, seed) for the small
 pretrained models of the demo; any option given explicitly overrides the preset.
 The same preset, data and seed give the same weights on the same device."""
 EXAMPLES = """\
-presets (the demo's small models; data from `voxplain phantom`):
-  voxplain phantom --out cohort --subjects 60 --seed 0 --resolution 3
-  voxplain train --preset demo-unet   --data cohort --out models/demo-unet
-  voxplain train --preset demo-grade  --data cohort --out models/demo-grade
-  voxplain train --preset demo-slices --data cohort --out models/demo-slices
+presets (the demo's small models; `make demo-models` runs exactly this):
+  voxplain phantom --out train --subjects 300 --seed 1 --resolution 3 --healthy-fraction 0.1
+  voxplain phantom --out val   --subjects 60  --seed 2 --resolution 3 --healthy-fraction 0.1
+  voxplain phantom --out test  --subjects 100 --seed 3 --resolution 3 --healthy-fraction 0.1
+  voxplain train --preset demo-unet   --data train --val-data val --test-data test --out demo-unet
+  voxplain train --preset demo-grade  --data train --val-data val --test-data test --out demo-grade
+  voxplain train --preset demo-slices --data train --val-data val --test-data test --out demo-slices
 
 examples:
-  voxplain train --task segment --data train --val-data val --test-data test --out runs/unet
-  voxplain train --task segment --data cohort --model unet3d --epochs 20 --out runs/unet
-  voxplain train --task classify --data cohort --model classifier3d --out runs/grade
+  voxplain train --task segment --data cohort --model unet3d_interp --epochs 20 --out runs/unet
+  voxplain train --task classify --data cohort --model classifier3d --flip --shift 3 --out runs/grade
   voxplain train --task classify --data cohort --slices --model cnn2d --blocks 5 --size 64 --out runs/slices
   voxplain train --task classify --data chest_xray/train --model cnn2d --blocks 7 --size 64 --out runs/xray"""
 
 #: the demo's small pretrained models: every training choice fixed
 PRESETS: dict[str, dict] = {
-    # 32^3 tumour-biased patches with left-right flips: about 2.3x less compute per epoch than whole
-    # 48x64x48 crops and better Dice per epoch on the 3 mm phantom (benchmarks/bench_models.py)
+    # `make demo-models` trains these on phantom cohorts at 3 mm (src/voxplain/assets/models/README.md).
+    # One torch thread: a retrain repeats the weights bit for bit, and two trainings share two cores.
+    # Inputs are 48x64x48 crops around the brain (the whole 3 mm brain but a few edge voxels). The
+    # U-Net trains on 32^3 tumour-biased patches (about 4x less compute than whole crops).
     "demo-unet": {"task": "segment", "model": "unet3d_interp", "epochs": 30, "batch_size": 4, "lr": 3e-3,
-                  "lr_schedule": "cosine", "seed": 0, "threads": 2, "size": "48,64,48", "patch": "32",
+                  "lr_schedule": "cosine", "seed": 0, "threads": 1, "size": "48,64,48", "patch": "32",
                   "patches_per_case": 2, "flip": True,
                   "model_config": {"channels": [8, 16, 32, 64], "convs": [1, 2, 2, 2]}},
-    "demo-grade": {"task": "classify", "model": "classifier3d", "epochs": 30, "batch_size": 4, "lr": 1e-3,
-                   "lr_schedule": "cosine", "seed": 0, "threads": 2, "size": "48,64,48", "flip": True, "shift": 3,
+    "demo-grade": {"task": "classify", "model": "classifier3d", "epochs": 20, "batch_size": 4, "lr": 1e-3,
+                   "lr_schedule": "cosine", "seed": 0, "threads": 1, "size": "48,64,48", "flip": True, "shift": 3,
                    "intensity": 0.1, "model_config": {"blocks": 4, "base_width": 8}},
-    "demo-slices": {"task": "classify", "slices": True, "model": "cnn2d", "blocks": 5, "size": "64", "epochs": 8,
-                    "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0, "threads": 2, "flip": True},
+    "demo-slices": {"task": "classify", "slices": True, "model": "cnn2d", "blocks": 5, "size": "64", "epochs": 5,
+                    "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0, "threads": 1, "flip": True},
 }
 
 _DEFAULTS = {"task": "classify", "model": None, "blocks": None, "epochs": 10, "batch_size": 8, "lr": 1e-3, "seed": 0,
@@ -74,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), help="fixed settings of a demo model")
     parser.add_argument("--task", choices=["classify", "segment"], help="classify (default) or segment")
     parser.add_argument("--model", metavar="NAME",
-                        help="zoo model: cnn2d, classifier3d or unet3d (default: by task and data)")
+                        help="zoo model: cnn2d, classifier3d, resnet3d, unet3d_interp or unet3d "
+                             "(default: cnn2d for 2D, classifier3d for 3D classes, unet3d_interp to segment)")
     parser.add_argument("--blocks", type=int, metavar="N", help="conv blocks of cnn2d / classifier3d (3, 5, 7)")
     parser.add_argument("--slices", action="store_true", default=None,
                         help="train on 2D axial slices of a cohort (tumour vs no tumour)")
@@ -90,7 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", metavar="S",
                         help="input size: one number or one per axis, e.g. 64 or 48,56,40 (crop/pad or resize)")
     parser.add_argument("--patch", metavar="S",
-                        help="train on random patches of this size (fully convolutional models, e.g. unet3d)")
+                        help="train on random patches of this size (fully convolutional models, the U-Nets)")
     parser.add_argument("--patches-per-case", type=int, metavar="N", help="patches per sample and epoch (default 2)")
     parser.add_argument("--flip", action="store_true", default=None, help="random left-right flips in training")
     parser.add_argument("--shift", type=int, metavar="N", help="random shifts of up to N voxels/pixels in training")

@@ -198,7 +198,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
     ``seed`` fixes dropout and the shuffling order (seed the model's initialisation
     yourself, before building it). ``on_epoch_end(record)`` is called after every epoch
     (it may raise, e.g. to prune an Optuna trial). ``keep="best"`` restores the weights
-    of the epoch with the best validation score at the end (``"final"`` keeps the last);
+    of the epoch with the best validation score at the end, ties broken by the lower
+    validation loss (``"final"`` keeps the last);
     the chosen epoch is marked ``"kept": True``. With ``time_limit`` (seconds) training
     stops early when another epoch as long as the last would end past the limit, as measured
     by ``clock`` (wall time by default; a benchmark on a shared machine may pass CPU time).
@@ -242,7 +243,11 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
             if val_loader is not None:
                 record.update(_run_eval(model, val_loader, objective, device, "val"))
             record["seconds"] = time.perf_counter() - start
-            score = record.get(objective.score_key("val" if val_loader is not None else "train"))
+            prefix = "val" if val_loader is not None else "train"
+            score = record.get(objective.score_key(prefix))
+            if score is not None:
+                # equal scores (e.g. accuracy 1.0 on a small validation set): the lower loss wins
+                score = (score, -record[f"{prefix}_loss"])
             if keep == "best" and score is not None and (best_score is None or score > best_score):
                 best_score, best_epoch = score, epoch
                 best_state = _state_copy(model)

@@ -57,7 +57,7 @@ class TrainingData:
     def default_model(self) -> str:
         """The zoo model that fits this data and task."""
         if self.region_names:
-            return "unet3d"
+            return "unet3d_interp"
         return "classifier3d" if len(self.input_size) == 3 else "cnn2d"
 
 
@@ -128,8 +128,9 @@ def _load_folder(root: Path, task: str, slices: bool, size, resolution: int | No
         dataset = SliceDataset(root, size=size2) if size2 is not None else SliceDataset(root)
         kind, channel_names = "cohort-slices", list(dataset.modalities)
         class_names = list(getattr(dataset, "class_names", ["no tumour", "tumour"]))
-        prep.update(normalise=_ZSCORE, orientation="RAS", slice_axis="axial", slice_plane="(X, Y) = (R, A)",
-                    size=size2)
+        prep.update(normalise=_ZSCORE + " (of the whole volume, before slicing)", orientation="RAS",
+                    slice_axis="axial", slice_plane="(X, Y) = (R, A)", size=size2,
+                    crop_centre="brain (non-zero voxels) centre, in plane")
     elif cohort:
         from ..data.datasets import BratsCohortDataset
         from ..data.preprocess import default_crop_size

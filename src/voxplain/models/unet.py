@@ -105,21 +105,23 @@ class InterpUNet(nn.Module):
         dims: spatial dimensions (1, 2 or 3).
         in_channels / out_channels: input modalities / output region channels.
         channels: feature widths per level (one 2x pooling between levels).
-        convs: convolutions per level and per side: one number, or one per level (e.g.
-            ``(1, 2, 2, 2)``: a single convolution at full resolution, where it costs most).
+        convs: convolutions per level and per side: one number, or one per level; default
+            (None) one at full resolution, where a convolution costs most, two below.
         down: ``"max"`` or ``"avg"`` pooling.
         up: ``"linear"`` or ``"nearest"`` interpolation.
     """
 
     def __init__(self, dims: int = 3, in_channels: int = 4, out_channels: int = 3,
-                 channels: Sequence[int] = (8, 16, 32, 64), convs: int | Sequence[int] = 2, down: str = "max",
-                 up: str = "linear"):
+                 channels: Sequence[int] = (8, 16, 32, 64), convs: int | Sequence[int] | None = None,
+                 down: str = "max", up: str = "linear"):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         if dims not in _CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
         if len(channels) < 2 or min(channels) < 1:
             raise ValueError(f"channels needs at least two positive widths, got {channels}")
+        if convs is None:
+            convs = [1] + [2] * (len(channels) - 1)
         per_level = [int(convs)] * len(channels) if isinstance(convs, int) else [int(c) for c in convs]
         if down not in _POOL or up not in ("linear", "nearest") or len(per_level) != len(channels) \
                 or min(per_level) < 1:

@@ -36,7 +36,7 @@ def _unet3d(in_channels: int = 4, out_channels: int = 3, channels=(8, 16, 32, 64
                       num_res_units=num_res_units, dropout=dropout)
 
 
-def _unet3d_interp(in_channels: int = 4, out_channels: int = 3, channels=(8, 16, 32, 64), convs: int = 2,
+def _unet3d_interp(in_channels: int = 4, out_channels: int = 3, channels=(8, 16, 32, 64), convs=None,
                    down: str = "max", up: str = "linear") -> nn.Module:
     return InterpUNet(dims=3, in_channels=in_channels, out_channels=out_channels, channels=channels, convs=convs,
                       down=down, up=up)
