@@ -1,10 +1,16 @@
-"""A small 3D U-Net for BraTS-style region segmentation (one sigmoid channel per region).
+"""Small U-Nets for BraTS-style region segmentation (one sigmoid channel per region).
 
-The network is MONAI's ``UNet`` (residual units, strided convolutions) with
-BatchNorm and plain ReLU: BatchNorm folds into an affine map at inference, so
-integrated-gradients completeness holds, and ReLU is what guided backprop rewrites.
-``RegionUNet`` pads any input up to a multiple of the network's total stride and
-crops the output back, so volumes of any size can be segmented and explained.
+* :class:`RegionUNet` is MONAI's ``UNet`` (residual units, stride-2 convolutions down,
+  stride-2 transposed convolutions up);
+* :class:`InterpUNet` changes resolution by max-pooling and (tri)linear upsampling only,
+  every convolution has stride 1: its input gradients carry no stride checkerboard
+  (``benchmarks/bench_checkerboard.py``). The demo's U-Net is this one.
+
+Both use BatchNorm and plain (not in-place) ReLU modules: BatchNorm folds into an
+affine map at inference, so integrated-gradients completeness holds, and ReLU modules
+are what guided backprop rewrites. Both pad any input up to a multiple of the
+network's total stride and crop the output back, so volumes of any size can be
+segmented and explained.
 """
 
 from __future__ import annotations
@@ -46,19 +52,24 @@ class RegionUNet(nn.Module):
                         act="relu", norm="batch", dropout=float(dropout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (B, {self.in_channels}, {', '.join(['*'] * self.dims)}), "
-                f"got {tuple(x.shape)}"
-            )
-        spatial = x.shape[2:]
-        extra = [(-s) % self.multiple for s in spatial]
-        if not any(extra):
-            return self.net(x)
-        # F.pad lists the last dimension first
-        pad = [p for e in reversed(extra) for p in (0, e)]
-        out = self.net(F.pad(x, pad))
-        return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+        return _padded_forward(self, self.net, x)
+
+
+def _padded_forward(unet: nn.Module, net, x: torch.Tensor) -> torch.Tensor:
+    """Check ``x`` against ``unet.dims`` / ``unet.in_channels``, zero-pad it up to a multiple of
+    ``unet.multiple``, run ``net`` and crop the output back to ``x``'s spatial size."""
+    if x.ndim != unet.dims + 2 or x.shape[1] != unet.in_channels:
+        raise ValueError(
+            f"expected input of shape (B, {unet.in_channels}, {', '.join(['*'] * unet.dims)}), "
+            f"got {tuple(x.shape)}"
+        )
+    spatial = x.shape[2:]
+    extra = [(-s) % unet.multiple for s in spatial]
+    if not any(extra):
+        return net(x)
+    # F.pad lists the last dimension first
+    out = net(F.pad(x, [p for e in reversed(extra) for p in (0, e)]))
+    return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
 
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -145,15 +156,9 @@ class InterpUNet(nn.Module):
         self.head = _CONV[dims](channels[0], int(out_channels), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != self.dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected input of shape (B, {self.in_channels}, {', '.join(['*'] * self.dims)}), "
-                f"got {tuple(x.shape)}"
-            )
-        spatial = x.shape[2:]
-        extra = [(-s) % self.multiple for s in spatial]
-        if any(extra):
-            x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
+        return _padded_forward(self, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for i, encoder in enumerate(self.encoders):
             x = encoder(x if i == 0 else self.pools[i - 1](x))
@@ -161,7 +166,4 @@ class InterpUNet(nn.Module):
         x = skips.pop()
         for up, decoder in zip(self.ups, self.decoders):
             x = decoder(torch.cat([skips.pop(), up(x)], dim=1))
-        out = self.head(x)
-        if any(extra):
-            out = out[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
-        return out
+        return self.head(x)
