@@ -141,3 +141,22 @@ def test_resnet3d_and_model_kinds():
     assert [model_task(n) for n in ("cnn2d", "classifier3d", "resnet3d", "unet3d", "unet3d_interp")] == \
         ["classify"] * 3 + ["segment"] * 2
     assert model_dims("cnn2d") == 2 and model_dims("unet3d_interp") == 3
+
+
+@pytest.mark.parametrize("name", ["resnet3d", "unet3d_interp"])
+def test_neuroxai_methods_run_on_the_demo_architectures(name):
+    # the demo explains these two with NeuroXAI's seven methods (guided backprop rewrites their ReLU modules)
+    from voxplain import SegmentationTarget, explain
+    from voxplain.explain import DEFAULT_METHODS
+
+    torch.manual_seed(0)
+    small = {"widths": [4, 4, 8, 8]} if name == "resnet3d" else {"channels": [4, 8]}
+    model = build_model(name, **small).eval()
+    target = None if name == "resnet3d" else SegmentationTarget(1, activation="sigmoid")
+    x = torch.randn(1, 4, 16, 16, 16)
+    options = {"integrated_gradients": {"steps": 3}, "guided_ig": {"steps": 3}, "smoothgrad": {"samples": 2}}
+    maps = explain(model, x, target, methods=DEFAULT_METHODS, options=options)
+    assert set(maps) == set(DEFAULT_METHODS)
+    for method, m in maps.items():
+        assert m.shape[0] == 1 and m.shape[2:] == x.shape[2:] and torch.isfinite(m).all(), method
+        assert m.abs().sum() > 0, method

@@ -54,9 +54,12 @@ PRESETS: dict[str, dict] = {
                   "lr_schedule": "cosine", "seed": 0, "threads": 1, "size": "48,64,48", "patch": "32",
                   "patches_per_case": 2, "flip": True,
                   "model_config": {"channels": [8, 16, 32, 64], "convs": [1, 2, 2, 2]}},
-    "demo-grade": {"task": "classify", "model": "classifier3d", "epochs": 20, "batch_size": 4, "lr": 1e-3,
+    # MONAI ResNet (basic blocks 1-1-1-1, widths 8-64): on the same cohorts and settings as the zoo's
+    # classifier3d (blocks 4, base width 8) both reached validation accuracy 1.0; the ResNet's validation
+    # loss was lower (0.004 vs 0.016), and so was its test error (0/90 vs 2/90)
+    "demo-grade": {"task": "classify", "model": "resnet3d", "epochs": 20, "batch_size": 4, "lr": 1e-3,
                    "lr_schedule": "cosine", "seed": 0, "threads": 1, "size": "48,64,48", "flip": True, "shift": 3,
-                   "intensity": 0.1, "model_config": {"blocks": 4, "base_width": 8}},
+                   "intensity": 0.1, "model_config": {"layers": [1, 1, 1, 1], "widths": [8, 16, 32, 64]}},
     "demo-slices": {"task": "classify", "slices": True, "model": "cnn2d", "blocks": 5, "size": "64", "epochs": 5,
                     "batch_size": 32, "lr": 1e-3, "lr_schedule": "cosine", "seed": 0, "threads": 1, "flip": True},
 }
