@@ -46,11 +46,18 @@ def test_train_segment_cli(cohort, tmp_path):
                "--batch-size", "2", "--size", "24", "--val-fraction", "0.25", "--patch", "16", "--flip", "--quiet"])
     assert rc == 0
     cfg, history, y = _check_outputs(out, "segment", (24, 24, 24))
-    assert cfg["model"] == "unet3d" and cfg["region_names"] == ["TC", "WT", "ET"]
-    assert cfg["channel_names"] == ["t1", "t1ce", "t2", "flair"] and cfg["data"] == {
-        "path": str(cohort), "kind": "cohort-regions", "train": 3, "val": 1}
+    assert cfg["model"] == "unet3d_interp" and cfg["region_names"] == ["TC", "WT", "ET"]
+    assert cfg["channel_names"] == ["t1", "t1ce", "t2", "flair"] and cfg["data"]["kind"] == "cohort-regions"
+    assert cfg["data"]["train"] == {"path": str(cohort), "samples": 3, "generator": "voxplain.data.phantom",
+                                    "subjects": 4, "seed": 0, "resolution": 3, "grades": {"HGG": 0.5, "LGG": 0.5},
+                                    "healthy_fraction": 0.0}
+    assert cfg["data"]["val"] == {"from": "train", "fraction": 0.25, "samples": 1} and "test" not in cfg["data"]
     assert {"val_dice_TC", "val_dice_WT", "val_dice_ET"} <= set(history[0])
-    assert cfg["preprocessing"]["training_patches"] == {"size": [16, 16, 16], "per_case": 2, "left_right_flips": True}
+    assert cfg["preprocessing"]["training_patches"] == {"size": [16, 16, 16], "per_case": 2, "left_right_flips": True,
+                                                        "shift_voxels": 0, "intensity_jitter": 0.0}
+    prep = cfg["preprocessing"]
+    assert prep["spacing_mm"] == [3.0, 3.0, 3.0] and prep["orientation"] == "RAS" and prep["crop_or_pad"] == [24] * 3
+    assert prep["normalise"] == "zscore per modality over brain voxels"
     assert y.shape == (1, 3, 24, 24, 24)
 
 
@@ -66,6 +73,32 @@ def test_train_grade_cli_is_deterministic(cohort, tmp_path):
     assert {"train_accuracy", "val_accuracy"} <= set(history[0])
     a, b = (torch.load(o / "model.pt", weights_only=True) for o in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_train_with_validation_and_test_cohorts(cohort, tmp_path):
+    from voxplain.data.phantom import generate_cohort
+
+    held_out = tmp_path / "held_out"
+    generate_cohort(held_out, subjects=3, seed=7, resolution=3, grades="HGG:0.5,LGG:0.5")
+    out = tmp_path / "grade"
+    assert main(["train", "--data", str(cohort), "--val-data", str(held_out), "--test-data", str(held_out),
+                 "--out", str(out), "--model", "resnet3d", "--epochs", "2", "--batch-size", "2", "--size", "16",
+                 "--flip", "--shift", "1", "--intensity", "0.1", "--lr-schedule", "cosine", "--threads", "1",
+                 "--quiet"]) == 0
+    cfg, history, y = _check_outputs(out, "classify", (16, 16, 16))
+    assert cfg["model"] == "resnet3d" and y.shape == (1, 2)
+    assert cfg["data"]["train"]["samples"] == 4 and cfg["data"]["val"]["samples"] == 3
+    assert cfg["data"]["val"]["seed"] == 7 and cfg["data"]["test"]["path"] == str(held_out)
+    test = cfg["test_metrics"]
+    assert test["n"] == 3 and sum(map(sum, test["confusion"])) == 3 and 0 <= test["accuracy"] <= 1
+    training = cfg["training"]
+    assert training["threads"] == 1 and training["lr_schedule"] == "cosine" and training["cpu_seconds"] > 0
+    assert set(training["load_average"]) == {"start", "end"} and history[1]["lr"] < history[0]["lr"]
+    # a held-out folder of another kind is refused with what differs
+    assert main(["train", "--data", str(cohort), "--val-data", str(held_out), "--test-data", str(tmp_path),
+                 "--out", str(tmp_path / "x"), "--epochs", "1", "--size", "16", "--quiet"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -92,7 +125,7 @@ def test_train_image_folder_cli(tmp_path):
                  "--epochs", "2", "--batch-size", "4", "--val-fraction", "0.25", "--quiet"]) == 0
     cfg, _, y = _check_outputs(out, "classify", (16, 16))
     assert cfg["class_names"] == ["normal", "pneumonia"] and cfg["channel_names"] == ["grey"]
-    assert cfg["data"]["kind"] == "image-folder" and cfg["data"]["train"] == 6 and y.shape == (1, 2)
+    assert cfg["data"]["kind"] == "image-folder" and cfg["data"]["train"]["samples"] == 6 and y.shape == (1, 2)
 
 
 def test_train_cli_user_errors(tmp_path, capsys):

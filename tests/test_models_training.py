@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 
 from voxplain.models import build_model, train
 from voxplain.models.training import dice_per_case, labels_to_region_channels
-from voxplain.models.training_data import parse_size
+from voxplain.models.training_data import InMemoryDataset, parse_size
 
 
 def _bright_square_data(n=24, size=16, seed=0):
@@ -118,3 +118,78 @@ def test_random_patches_seeded_and_tumour_biased():
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
     assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
     assert all(t.sum() > 0 for _, t in a)  # every patch shows tumour with foreground_fraction=1
+
+
+def test_random_patches_shift_and_intensity_keep_background():
+    from voxplain.models.patches import RandomPatches
+    from voxplain.models.training_data import InMemoryDataset
+
+    image = torch.zeros(2, 12, 12, 12)
+    image[:, 3:9, 3:9, 3:9] = torch.randn(2, 6, 6, 6)
+    base = InMemoryDataset([(image, torch.tensor(1))])
+    ds = RandomPatches(base, (12, 12, 12), per_case=1, seed=0, shift=2, intensity=0.2)
+    draws = [ds[0] for _ in range(20)]
+    for x, y in draws:
+        assert x.shape == image.shape and int(y) == 1
+        # the brain moves by at most 2 voxels per axis and the zero background stays zero
+        assert int((x != 0).sum()) == int((image != 0).sum())
+    moved = [x for x, _ in draws if not torch.equal(x != 0, image != 0)]
+    assert moved, "no draw shifted the image"
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        RandomPatches(base, (12, 12, 12), shift=-1)
+
+
+def test_cosine_schedule_and_its_record():
+    from voxplain.models.training import _epoch_lr
+
+    assert _epoch_lr(1e-3, 1, 5, "cosine") == pytest.approx(1e-3)
+    assert _epoch_lr(1e-3, 5, 5, "cosine") == pytest.approx(5e-5)
+    assert _epoch_lr(1e-3, 3, 5, "constant") == 1e-3
+    torch.manual_seed(0)
+    model = build_model("cnn2d", blocks=2, image_size=8)
+    data = InMemoryDataset([(torch.randn(1, 8, 8), torch.tensor(i % 2)) for i in range(8)])
+    history = train(model, data, task="classify", epochs=3, batch_size=4, progress=False, lr_schedule="cosine")
+    assert [round(r["lr"], 6) for r in history] == [0.001, 0.000525, 0.00005]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(model, data, epochs=1, progress=False, lr_schedule="step")
+
+
+def test_heldout_scores_classify_and_segment():
+    from voxplain.models.scores import heldout_scores
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return self.out[x[:, 0, 0, 0].long()] + self.w
+
+    # classification: sample i's output is row i; samples 0 and 1 are right, 2 is wrong
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    data = InMemoryDataset([(torch.full((1, 2, 2), float(i)), torch.tensor(t)) for i, t in enumerate([0, 1, 1])])
+    scores = heldout_scores(Fixed(logits), data, "classify", class_names=["a", "b"])
+    assert scores["n"] == 3 and scores["accuracy"] == pytest.approx(2 / 3)
+    assert scores["per_class"] == {"a": {"n": 1, "accuracy": 1.0}, "b": {"n": 2, "accuracy": 0.5}}
+    assert scores["confusion"] == [[1, 0], [1, 1]]
+    # segmentation: case 0 has the region (half found), case 1 has none and predicts none
+    pred = torch.full((2, 1, 1, 4), -1.0)
+    pred[0, 0, 0, :2] = 1.0
+    truth = [torch.tensor([[[1.0, 1.0, 1.0, 1.0]]])[None], torch.zeros(1, 1, 1, 4)]
+    data = InMemoryDataset([(torch.full((1, 1, 4), float(i)), truth[i].reshape(1, 1, 4)) for i in range(2)])
+    scores = heldout_scores(Fixed(pred.reshape(2, 1, 1, 4)), data, "segment", region_names=["WT"])
+    assert scores["dice"]["WT"] == {"cases": 1, "mean": pytest.approx(2 / 3), "min": pytest.approx(2 / 3)}
+    assert scores["empty"]["WT"] == {"cases": 1, "predicted_empty": 1, "mean_false_voxels": 0.0}
+
+
+def test_keep_best_breaks_ties_by_validation_loss():
+    # every epoch has validation accuracy 1.0 (one class only); the loss keeps falling, so the last epoch wins
+    torch.manual_seed(0)
+    model = build_model("cnn2d", blocks=2, image_size=8, dropout=0.0)
+    data = InMemoryDataset([(torch.randn(1, 8, 8), torch.tensor(0)) for _ in range(8)])
+    history = train(model, data, data, task="classify", epochs=3, batch_size=4, lr=1e-2, progress=False, keep="best")
+    assert all(r["val_accuracy"] == 1.0 for r in history)
+    losses = [r["val_loss"] for r in history]
+    assert [r["kept"] for r in history] == [loss == min(losses) for loss in losses]
+    assert history[-1]["kept"]

@@ -90,3 +90,73 @@ def test_wrong_input_shape_is_named():
     model = build_model("classifier3d").eval()
     with pytest.raises(ValueError, match=r"expected input of shape \(B, 4, \*, \*, \*\), got \(1, 3, 8, 8, 8\)"):
         model(torch.randn(1, 3, 8, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (17, 20, 13)])
+def test_unet3d_interp_any_size_without_strided_kernels(shape):
+    torch.manual_seed(0)
+    model = build_model("unet3d_interp", channels=[4, 8, 16], convs=[1, 2, 2])
+    out = _forward_backward(model.train(), torch.randn(2, 4, *shape))
+    assert out.shape == (2, 3, *shape)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(c.stride == (1, 1, 1) for c in convs)
+    assert not any(isinstance(m, nn.ConvTranspose3d) for m in model.modules())
+    assert any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    with pytest.raises(ValueError, match="one per level"):
+        build_model("unet3d_interp", channels=[4, 8, 16], convs=[1, 2])
+
+
+def _lattice_share(grad: torch.Tensor, period: int) -> float:
+    # power of the map on frequencies that are multiples of 1/period per axis, zero excluded
+    power = torch.fft.fftn(grad.double(), dim=(-3, -2, -1)).abs().pow(2).sum(0)
+    idx = [torch.arange(0, n, n // period) for n in power.shape]
+    on = power[idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]].sum() - power[0, 0, 0]
+    return float(on / (power.sum() - power[0, 0, 0]))
+
+
+def test_interp_unet_input_gradient_has_no_stride_checkerboard():
+    # MONAI's UNet backpropagates through stride-2 kernels: much of its input gradient's power sits on
+    # the period-2/4 lattice; the interpolating U-Net's share stays near a pattern-free map's (63 / 32767)
+    x = torch.randn(1, 4, 32, 32, 32)
+    shares = {}
+    for name in ("unet3d", "unet3d_interp"):
+        torch.manual_seed(0)
+        model = build_model(name, channels=[4, 8, 16]).eval()
+        xi = x.clone().requires_grad_(True)
+        torch.sigmoid(model(xi)[:, 1]).mean().backward()
+        shares[name] = _lattice_share(xi.grad[0], 4)
+    assert shares["unet3d"] > 0.05
+    assert shares["unet3d_interp"] < 0.01
+
+
+def test_resnet3d_and_model_kinds():
+    from voxplain.models.zoo import model_dims, model_task
+
+    torch.manual_seed(0)
+    model = build_model("resnet3d", widths=[4, 8, 8, 16], image_size=[16, 16, 16])
+    out = _forward_backward(model.train(), torch.randn(2, 4, 16, 16, 16))
+    assert out.shape == (2, 2)
+    assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    assert [model_task(n) for n in ("cnn2d", "classifier3d", "resnet3d", "unet3d", "unet3d_interp")] == \
+        ["classify"] * 3 + ["segment"] * 2
+    assert model_dims("cnn2d") == 2 and model_dims("unet3d_interp") == 3
+
+
+@pytest.mark.parametrize("name", ["resnet3d", "unet3d_interp"])
+def test_neuroxai_methods_run_on_the_demo_architectures(name):
+    # the demo explains these two with NeuroXAI's seven methods (guided backprop rewrites their ReLU modules)
+    from voxplain import SegmentationTarget, explain
+    from voxplain.explain import DEFAULT_METHODS
+
+    torch.manual_seed(0)
+    small = {"widths": [4, 4, 8, 8]} if name == "resnet3d" else {"channels": [4, 8]}
+    model = build_model(name, **small).eval()
+    target = None if name == "resnet3d" else SegmentationTarget(1, activation="sigmoid")
+    x = torch.randn(1, 4, 16, 16, 16)
+    options = {"integrated_gradients": {"steps": 3}, "guided_ig": {"steps": 3}, "smoothgrad": {"samples": 2}}
+    maps = explain(model, x, target, methods=DEFAULT_METHODS, options=options)
+    assert set(maps) == set(DEFAULT_METHODS)
+    for method, m in maps.items():
+        assert m.shape[0] == 1 and m.shape[2:] == x.shape[2:] and torch.isfinite(m).all(), method
+        assert m.abs().sum() > 0, method

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,9 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.preprocess import REGIONS
 from ..targets import BRATS_LABELS
 
-__all__ = ["train", "evaluate", "TASKS", "dice_per_case", "soft_dice_loss", "labels_to_region_channels"]
+__all__ = ["train", "evaluate", "TASKS", "LR_SCHEDULES", "dice_per_case", "soft_dice_loss", "labels_to_region_channels"]
 
 TASKS = ("classify", "segment")
+#: learning-rate schedules of :func:`train`
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def labels_to_region_channels(labels: Tensor, region_names: Sequence[str]) -> Tensor:
@@ -165,6 +168,14 @@ def _state_copy(model: nn.Module) -> dict:
     return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
 
 
+def _epoch_lr(lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """The learning rate of ``epoch`` (1-based) of ``epochs`` under ``schedule``."""
+    if schedule == "constant" or epochs == 1:
+        return float(lr)
+    floor = lr / 20
+    return float(floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / (epochs - 1))))
+
+
 def _check_task(task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -175,7 +186,8 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
           epochs: int = 10, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, progress: bool = True,
           on_epoch_end: Callable[[dict], object] | None = None, device=None, weight_decay: float = 0.0,
           region_names: Sequence[str] = REGIONS, keep: str = "final",
-          time_limit: float | None = None, clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+          time_limit: float | None = None, clock: Callable[[], float] = time.perf_counter,
+          lr_schedule: str = "constant") -> list[dict]:
     """Train ``model`` in place with Adam; returns the history, one dict per epoch.
 
     Each record has ``epoch``, ``seconds``, ``train_loss`` and (with ``val_ds``) ``val_loss``
@@ -186,14 +198,19 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
     ``seed`` fixes dropout and the shuffling order (seed the model's initialisation
     yourself, before building it). ``on_epoch_end(record)`` is called after every epoch
     (it may raise, e.g. to prune an Optuna trial). ``keep="best"`` restores the weights
-    of the epoch with the best validation score at the end (``"final"`` keeps the last);
+    of the epoch with the best validation score at the end, ties broken by the lower
+    validation loss (``"final"`` keeps the last);
     the chosen epoch is marked ``"kept": True``. With ``time_limit`` (seconds) training
     stops early when another epoch as long as the last would end past the limit, as measured
     by ``clock`` (wall time by default; a benchmark on a shared machine may pass CPU time).
+    ``lr_schedule="cosine"`` lowers the learning rate from ``lr`` along a half cosine to
+    ``lr / 20`` in the last epoch (set once per epoch); ``"constant"`` keeps ``lr``.
     """
     objective = _Objective(_check_task(task), region_names)
     if keep not in ("best", "final"):
         raise ValueError(f"keep must be 'best' or 'final', got {keep!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     if int(epochs) < 1 or int(batch_size) < 1 or not lr > 0:
         raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs!r}, {batch_size!r}, {lr!r}")
     if len(train_ds) == 0:
@@ -218,11 +235,19 @@ def train(model: nn.Module, train_ds: Dataset, val_ds: Dataset | None = None, ta
         for epoch in range(1, int(epochs) + 1):
             start, tick = time.perf_counter(), clock()
             desc = f"epoch {epoch}/{epochs}"
-            record = {"epoch": epoch, **_train_epoch(model, loader, optimiser, objective, device, desc, progress)}
+            epoch_lr = _epoch_lr(lr, epoch, int(epochs), lr_schedule)
+            for group in optimiser.param_groups:
+                group["lr"] = epoch_lr
+            record = {"epoch": epoch, "lr": epoch_lr,
+                      **_train_epoch(model, loader, optimiser, objective, device, desc, progress)}
             if val_loader is not None:
                 record.update(_run_eval(model, val_loader, objective, device, "val"))
             record["seconds"] = time.perf_counter() - start
-            score = record.get(objective.score_key("val" if val_loader is not None else "train"))
+            prefix = "val" if val_loader is not None else "train"
+            score = record.get(objective.score_key(prefix))
+            if score is not None:
+                # equal scores (e.g. accuracy 1.0 on a small validation set): the lower loss wins
+                score = (score, -record[f"{prefix}_loss"])
             if keep == "best" and score is not None and (best_score is None or score > best_score):
                 best_score, best_epoch = score, epoch
                 best_state = _state_copy(model)
