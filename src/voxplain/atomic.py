@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 __all__ = ["atomic_file", "atomic_dir", "check_replaceable", "claim_folder", "record_files", "OutputFolderError",
-           "remove_stale_parts", "MARKER_NAME", "PART_OWNER_NAME"]
+           "remove_stale_parts", "is_intact", "MARKER_NAME", "PART_OWNER_NAME"]
 
 #: the file listing what voxplain wrote into a folder
 MARKER_NAME = ".voxplain-output.json"
@@ -140,6 +140,23 @@ def record_files(folder: str | os.PathLike, paths: Iterable[str | os.PathLike], 
         else:
             files[rel] = None if any_size or not full.exists() else full.lstat().st_size
     _write_marker(folder, marker.get("kind", ""), files)
+
+
+def is_intact(folder: str | os.PathLike, kind: str) -> bool:
+    """True if ``folder`` is a finished voxplain output of ``kind`` exactly as written.
+
+    Its marker names ``kind``, every file it lists is there with the listed size, and
+    nothing else is (files listed without a size only need to exist).
+    """
+    folder = Path(folder)
+    marker = _read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if marker is None or marker.get("kind") != kind:
+        return False
+    for rel, size in marker["files"].items():
+        path = folder / rel
+        if not path.is_file() or (size is not None and path.stat().st_size != size):
+            return False
+    return not _foreign(folder)
 
 
 def _foreign(folder: Path) -> list[str]:

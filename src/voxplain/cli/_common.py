@@ -9,8 +9,9 @@ import sys
 
 from . import UserError
 
-__all__ = ["add_model_input_arguments", "add_region_argument", "add_run_arguments", "parse_options", "parse_methods",
-           "parse_output_key", "command_line", "MODEL_HELP", "REGION_HELP"]
+__all__ = ["add_model_input_arguments", "add_region_argument", "add_run_arguments", "add_cluster_arguments",
+           "parse_options", "parse_methods", "parse_output_key", "command_line", "cohort_outcome", "MODEL_HELP",
+           "REGION_HELP"]
 
 #: what --region means, shared by explain, inspect and demo
 REGION_HELP = ("segmentation: the voxels a class channel is averaged over to make the explained score: "
@@ -69,6 +70,29 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "machine has the memory free)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random methods (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--workers and --scheduler: run a folder of cases on a Dask cluster."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="run the cases on a local Dask cluster of N worker processes (the cores split between "
+                            "them); the output folder is resumable: run the same command again to finish it")
+    group.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run the cases on an existing Dask cluster, e.g. tcp://host:8786 (every worker must see "
+                            "the input, model and output paths, and have voxplain installed)")
+
+
+def cohort_outcome(result, quiet: bool, page: str = "index.html") -> int:
+    """The exit code of a cohort run (1 when cases failed), after a line that says how it went."""
+    if result.failed:
+        print(f"voxplain: {result.failed} of {result.total} cases failed, see {result.out / 'failures.csv'}",
+              file=sys.stderr)
+        return 1
+    if not quiet:
+        resumed = f" ({result.resumed} were complete already)" if result.resumed else ""
+        print(f"{result.total} cases done{resumed}; wrote {result.out}/ (open {result.out / page})")
+    return 0
 
 
 def parse_output_key(text: str) -> int | str:

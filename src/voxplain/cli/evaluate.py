@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import UserError
 from ..evaluate.cohort import POOLS
-from ._common import MODEL_HELP, parse_options
+from ._common import MODEL_HELP, add_cluster_arguments, parse_options
 
 POOL_WORDS = {"predicted": "its predicted voxels", "all": "all voxels", "label": "its ground-truth voxels"}
 
@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per forward/backward pass")
     parser.add_argument("--memory-budget", metavar="SIZE", help="memory per pass, e.g. 2GB (default 2GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_cluster_arguments(parser)
 
 
 def _split(text: str) -> list[str]:
@@ -99,9 +100,34 @@ def _size(text: str | None):
         raise UserError(f"--size must be integers separated by commas, got {text!r}") from None
 
 
+def _source(args):
+    """The cases of ``--data`` as ``(reader name, reader arguments, title)`` (see ``voxplain.evaluate.cohort.READERS``)."""
+    from ..models.checkpoint import is_checkpoint_path, read_checkpoint_config, resolve_model_spec
+
+    config = {}
+    path = Path(resolve_model_spec(args.model))
+    if is_checkpoint_path(path):
+        config = read_checkpoint_config(path)
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserError(f"data folder {data} not found")
+    size = _size(args.size) or config.get("input_size")
+    from ..data.brats import find_brats_cases
+
+    if find_brats_cases(data):
+        task = args.task or ("segment" if config.get("region_names") else "classify")
+        reader_args = {"root": str(data), "task": task, "size": size, "region": args.region,
+                       "region_channels": config.get("region_names"), "pool": args.pool}
+        what = f"{args.region}, mean over {POOL_WORDS[args.pool]}" if task == "segment" else task
+        return "brats", reader_args, f"voxplain evaluation: {path.name} on {data.name} ({what})"
+    channels = len(config.get("channel_names") or ["grey"])
+    reader_args = {"root": str(data), "size": size or (64, 64), "channels": channels}
+    return "images", reader_args, f"voxplain evaluation: {path.name} on {data.name}"
+
+
 def _load(args):
     """(model, cases iterable, number of cases, title) for the chosen input."""
-    from ..evaluate.cohort import cohort_cases, count_cohort_cases, image_folder_cases
+    from ..evaluate.cohort import READERS
 
     if args.demo:
         if args.model or args.data:
@@ -117,33 +143,36 @@ def _load(args):
         return model, cases, len(cases), f"voxplain evaluation: demo (accuracy {acc:.2f})"
     if not args.model or not args.data:
         raise UserError("give --model and --data (or --demo)")
-    from ..models.checkpoint import is_checkpoint_path, load_model, read_checkpoint_config, resolve_model_spec
+    from ..models.checkpoint import load_model
 
     model = load_model(args.model, args.weights, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    config = {}
-    path = Path(resolve_model_spec(args.model))
-    if is_checkpoint_path(path):
-        config = read_checkpoint_config(path)
-    data = Path(args.data)
-    if not data.is_dir():
-        raise UserError(f"data folder {data} not found")
-    size = _size(args.size) or config.get("input_size")
-    from ..data.brats import find_brats_cases
+    kind, reader_args, title = _source(args)
+    reader = READERS[kind](**reader_args)
+    n = len(reader) if not args.cases else min(len(reader), args.cases)
+    if kind == "images" and n == 0:
+        raise UserError(f"{args.data} holds neither BraTS case folders nor images")
+    return model, (reader.case(i) for i in range(n)), n, title
 
-    if find_brats_cases(data):
-        task = args.task or ("segment" if config.get("region_names") else "classify")
-        n = count_cohort_cases(data, task, size)
-        if args.cases:
-            n = min(n, args.cases)
-        cases = cohort_cases(data, task, size, region=args.region,
-                             region_channels=config.get("region_names"), limit=n, pool=args.pool)
-        what = f"{args.region}, mean over {POOL_WORDS[args.pool]}" if task == "segment" else task
-        return model, cases, n, f"voxplain evaluation: {path.name} on {data.name} ({what})"
-    channels = len(config.get("channel_names") or ["grey"])
-    cases = list(image_folder_cases(data, size=size or (64, 64), channels=channels, limit=args.cases))
-    if not cases:
-        raise UserError(f"{data} holds neither BraTS case folders nor images")
-    return model, cases, len(cases), f"voxplain evaluation: {path.name} on {data.name}"
+
+def _run_on_cluster(args, methods: list[str], families: list[str], options: dict) -> int:
+    """Score the cases on a Dask cluster; exit code 1 when some failed."""
+    from ..cohort import run_evaluate_cohort
+    from ._common import cohort_outcome
+
+    if args.demo:
+        raise UserError("--workers and --scheduler need --model and --data (the demo trains its model in this process)")
+    if not args.model or not args.data:
+        raise UserError("give --model and --data")
+    kind, reader_args, title = _source(args)
+    result = run_evaluate_cohort(args.model, kind, reader_args, args.out, methods, workers=args.workers,
+                                 scheduler=args.scheduler, weights=args.weights,
+                                 allow_unsafe_pickle=args.allow_unsafe_pickle, options=options, families=families,
+                                 steps=args.steps, baseline=args.baseline, tolerance=args.tolerance,
+                                 randomisation_cases=args.randomisation_cases, seed=args.seed, device=args.device,
+                                 batch_size=args.batch_size, memory_budget=args.memory_budget, limit=args.cases,
+                                 title=title, progress=not args.quiet,
+                                 say=None if args.quiet else lambda text: print(text, file=sys.stderr))
+    return cohort_outcome(result, args.quiet, "report.html")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--cases must be >= 1, got {args.cases}")
     options = parse_options(args.option)
     check_replaceable(args.out, "evaluate")  # before hours of work, not only when writing
+    if args.workers is not None or args.scheduler is not None:
+        return _run_on_cluster(args, methods, families, options)
     model, cases, n, title = _load(args)
     if n == 0:
         raise UserError("no cases to evaluate")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..methods.registry import DEFAULT_METHODS
 from . import UserError
-from ._common import (add_model_input_arguments, add_region_argument, add_run_arguments, command_line, parse_methods,
-                      parse_options)
+from ._common import (add_cluster_arguments, add_model_input_arguments, add_region_argument, add_run_arguments,
+                      cohort_outcome, command_line, parse_methods, parse_options)
 
 HELP = "explain a model's decision on a scan or image: NIfTI maps, figures, summary.json, report.html"
 DESCRIPTION = """\
@@ -24,6 +25,10 @@ Segmentation channels are explained by their output averaged over the voxels the
 model predicts as that class (--region predicted, the default); --region all is
 NeuroXAI's whole-volume average, --region label the case's ground truth. A class
 the model does not predict at all is skipped, and the report says so.
+With --workers N (a local Dask cluster) or --scheduler ADDRESS (an existing one) the
+cases of a folder run in parallel, one task per case; each case folder is written
+atomically, failed cases are listed in index.html and failures.csv (exit code 1), and
+the same command run again skips the cases already complete.
 Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
 checkpoint says (or padded to the size the network needs); maps are put back on
 the scan's grid.
@@ -39,7 +44,9 @@ examples:
       --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
   voxplain explain --model models/demo-unet --input BraTS20_001 --target WT --region all --out out/seg-global
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
-  voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
+  voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice
+  voxplain explain --model demo-unet --input cohort --workers 4 --out out/cohort
+  voxplain explain --model demo-unet --input /shared/cohort --scheduler tcp://head:8786 --out /shared/out"""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain explain`."""
@@ -50,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a method option, repeatable, e.g. guided_ig.steps=50")
     add_region_argument(parser)
     add_run_arguments(parser)
+    add_cluster_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from ..report.pipeline import run_explain
 
     methods = parse_methods(args.methods, available_methods())
+    if args.workers is not None or args.scheduler is not None:
+        return _run_on_cluster(args, methods)
     out = run_explain(args.model, args.input, args.out, task=args.task or _task_of(args.model), target=args.target,
                       methods=methods, weights=args.weights, options=parse_options(args.option),
                       device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
@@ -68,6 +78,22 @@ def run(args: argparse.Namespace) -> int:
         index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
         print(f"wrote {out}/ (open {index})")
     return 0
+
+
+def _run_on_cluster(args: argparse.Namespace, methods: list[str]) -> int:
+    """The cases of a folder on a Dask cluster; exit code 1 when some failed."""
+    from ..cohort import run_explain_cohort
+
+    result = run_explain_cohort(args.model, args.input, args.out, task=args.task or _task_of(args.model),
+                                target=args.target, methods=methods, workers=args.workers, scheduler=args.scheduler,
+                                weights=args.weights, options=parse_options(args.option), device=args.device,
+                                seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
+                                memory_budget=args.memory_budget, region=args.region,
+                                allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels,
+                                command=command_line(), output_key=args.output_key,
+                                channels_from_4d=args.channels_from_4d,
+                                say=None if args.quiet else lambda text: print(text, file=sys.stderr))
+    return cohort_outcome(result, args.quiet)
 
 
 def _task_of(model: str) -> str:

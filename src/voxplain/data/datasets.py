@@ -99,6 +99,10 @@ class BratsCohortDataset(Dataset):
         """How item ``index`` was cut from its case (``restore`` puts a map back on the case's grid)."""
         return self._load(index)[2]
 
+    def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, CropBox]:
+        """Item ``index`` as ``(image, target, crop box)``: what ``dataset[index]`` gives, and how it was cut."""
+        return self._load(index)
+
     def _load(self, index: int):
         if self._cache is not None and index in self._cache:
             return self._cache[index]

@@ -22,22 +22,80 @@ from ..targets import BratsRegionTarget, ClassTarget
 from .runner import EvalCase
 from .shortcut import cohort_marker, marker_mask
 
-__all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases", "POOLS"]
+__all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases", "CohortReader",
+           "ImageFolderReader", "READERS", "POOLS"]
 
 #: what a segmentation region's channel can be averaged over (as ``voxplain explain --region``)
 POOLS = ("predicted", "all", "label")
 
 
-def _dataset(root, task: str, size):
+def _dataset(root, task: str, size, cache: bool = True):
     from ..data.datasets import BratsCohortDataset
 
     return BratsCohortDataset(root, task="grade" if task == "classify" else "segment",
-                              size=None if size is None else tuple(size))
+                              size=None if size is None else tuple(size), cache=cache)
 
 
 def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None) -> int:
     """How many cases :func:`cohort_cases` can yield."""
     return len(_dataset(root, task, size))
+
+
+class CohortReader:
+    """The cases of a BraTS-layout cohort one by one, by index: :func:`cohort_cases` and Dask workers read through it.
+
+    Arguments as :func:`cohort_cases`; ``cache`` keeps loaded cases in memory (each is read once
+    when going through a cohort, so it is off by default).
+    """
+
+    def __init__(self, root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
+                 region: str = "WT", region_channels: Sequence[str] | None = None, cache: bool = False,
+                 pool: str = "predicted"):
+        from ..data.brats import read_subjects_table
+
+        if task not in ("classify", "segment"):
+            raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        self.dataset = _dataset(root, task, size, cache)
+        self.task, self.region, self.pool = task, region, pool
+        self.region_channels = None if region_channels is None else tuple(region_channels)
+        self.marker_info = cohort_marker(root)
+        self.table = read_subjects_table(root) if self.marker_info is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def names(self) -> list[str]:
+        """The cases' names, in order (nothing is loaded)."""
+        return list(self.dataset.names)
+
+    def case(self, i: int) -> EvalCase:
+        """Case ``i`` with its target, ground-truth regions and shortcut marker."""
+        from ..data.preprocess import REGIONS, labels_to_regions
+
+        ds = self.dataset
+        image, _, box = ds.item(i)
+        case = ds.case(i)
+        regions = None
+        if case.seg is not None:
+            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(case.seg))))
+        marker = None
+        if self.marker_info is not None and str(self.table.get(case.name, {}).get("shortcut", "0")) in (
+                "1", "True", "true"):
+            full = marker_mask(case.shape, case.meta.ras_affine, self.marker_info[0], self.marker_info[1])
+            marker = np.asarray(box.apply(full.astype(np.float32))) > 0.5
+        if self.task == "classify":
+            target = ClassTarget(None)
+        else:
+            over = {"predicted": "predicted", "all": None}.get(self.pool)
+            if self.pool == "label":
+                over = (regions[list(REGIONS).index(self.region)] if regions is not None
+                        else torch.zeros(tuple(image.shape[1:]), dtype=torch.bool))  # no ground truth: skipped
+            target = BratsRegionTarget(self.region, layout="regions",
+                                       channels=tuple(self.region_channels or REGIONS), region=over)
+        return EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
 
 
 def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
@@ -55,47 +113,42 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
             model predicts as the region), ``"all"`` (every voxel, NeuroXAI) or ``"label"``
             (the case's ground truth of the region). An empty region skips the case.
     """
-    from ..data.brats import read_subjects_table
-    from ..data.preprocess import REGIONS, labels_to_regions
-
-    if task not in ("classify", "segment"):
-        raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    ds = _dataset(root, task, size)
-    marker_info = cohort_marker(root)
-    table = read_subjects_table(root) if marker_info is not None else {}
-    n = len(ds) if limit is None else min(limit, len(ds))
+    reader = CohortReader(root, task, size, region, region_channels, pool=pool)
+    n = len(reader) if limit is None else min(limit, len(reader))
     for i in range(n):
-        image, _ = ds[i]
-        case = ds.case(i)
-        box = ds.crop_box(i)
-        regions = None
-        if case.seg is not None:
-            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(case.seg))))
-        marker = None
-        if marker_info is not None and str(table.get(case.name, {}).get("shortcut", "0")) in ("1", "True", "true"):
-            full = marker_mask(case.shape, case.meta.ras_affine, marker_info[0], marker_info[1])
-            marker = np.asarray(box.apply(full.astype(np.float32))) > 0.5
-        if task == "classify":
-            target = ClassTarget(None)
-        else:
-            over = {"predicted": "predicted", "all": None}.get(pool)
-            if pool == "label":
-                over = (regions[list(REGIONS).index(region)] if regions is not None
-                        else torch.zeros(tuple(image.shape[1:]), dtype=torch.bool))  # no ground truth: skipped
-            target = BratsRegionTarget(region, layout="regions", channels=tuple(region_channels or REGIONS),
-                                       region=over)
-        yield EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
+        yield reader.case(i)
+
+
+class ImageFolderReader:
+    """The images of a class-per-folder image folder one by one, by index (as :func:`image_folder_cases` yields them)."""
+
+    def __init__(self, root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1):
+        from ..data.datasets import ImageFolderDataset
+
+        self.dataset = ImageFolderDataset(root, size=tuple(size), channels=channels)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def names(self) -> list[str]:
+        """The images' names (paths relative to the folder), in order."""
+        return list(self.dataset.names)
+
+    def case(self, i: int) -> EvalCase:
+        """Image ``i`` (no ground truth)."""
+        image, _ = self.dataset[i]
+        return EvalCase(self.dataset.names[i], image, ClassTarget(None))
 
 
 def image_folder_cases(root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1,
                        limit: int | None = None) -> Iterator[EvalCase]:
     """Yield the images of a class-per-folder image folder (no ground-truth masks)."""
-    from ..data.datasets import ImageFolderDataset
-
-    ds = ImageFolderDataset(root, size=tuple(size), channels=channels)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    reader = ImageFolderReader(root, size, channels)
+    n = len(reader) if limit is None else min(limit, len(reader))
     for i in range(n):
-        image, _ = ds[i]
-        yield EvalCase(ds.names[i], image, ClassTarget(None))
+        yield reader.case(i)
+
+
+#: the case readers by name: ``"brats"`` (a BraTS-layout cohort) and ``"images"`` (an image folder)
+READERS = {"brats": CohortReader, "images": ImageFolderReader}

@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,8 @@ def _randomisation_figure(result: EvaluationResult) -> bytes | None:
     return _png(fig)
 
 
-def _html(result: EvaluationResult, summary, counts, figures: list[tuple[str, bytes]], title: str) -> str:
+def _html(result: EvaluationResult, summary, counts, figures: list[tuple[str, bytes]], title: str,
+          failures: Sequence[tuple[str, str, str]] = ()) -> str:
     metrics = result.metric_names()
     head = "".join(f"<th>{html.escape(k)}<br><small>{'&uarr;' if _direction(k) > 0 else '&darr;' if _direction(k) < 0 else ''}"
                    f"</small></th>" for k in metrics)
@@ -154,6 +156,11 @@ def _html(result: EvaluationResult, summary, counts, figures: list[tuple[str, by
     skipped = result.settings.get("skipped_cases") or {}
     skipped_note = ("<p class='note'>Not explained (no values): " + "; ".join(
         f"{html.escape(c)} ({html.escape(why)})" for c, why in skipped.items()) + "</p>") if skipped else ""
+    failed = ""
+    if failures:
+        items = "".join(f"<li>{html.escape(name)}: {html.escape(reason)}</li>" for name, _, reason in failures)
+        failed = (f"<p class='failed'>{len(failures)} case(s) failed and are left out (see failures.csv):</p>"
+                  f"<ul class='failed'>{items}</ul>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -165,13 +172,14 @@ tbody th {{ text-align: left; background: #fafafa; }}
 td.best {{ background: #d8f0d8; font-weight: bold; }}
 img {{ max-width: 100%; }}
 .note {{ color: #555; font-size: 13px; max-width: 60em; }}
+.failed {{ color: #b00020; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">Mean over {len(result.cases)} case(s) per method (NaN-free cases only; hover a cell for the
 count). &uarr; higher is better, &darr; lower is better; the best method per column is green. For the
 randomisation and random-logit columns lower similarity means the map depends on the model/class
 (the sanity check is passed). Cases: {cases}.</p>
-{skipped_note}
+{failed}{skipped_note}
 <div style="overflow-x:auto"><table><thead><tr><th>method</th>{head}</tr></thead>
 <tbody>{''.join(rows)}</tbody></table></div>
 {imgs}
@@ -180,8 +188,12 @@ randomisation and random-logit columns lower similarity means the map depends on
 
 
 def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike, title: str = "voxplain evaluation",
-                     overwrite: bool = True) -> Path:
-    """Write metrics, curves, plots and the HTML page to ``out_dir``; returns its path."""
+                     overwrite: bool = True, failures: Sequence[tuple[str, str, str]] = ()) -> Path:
+    """Write metrics, curves, plots and the HTML page to ``out_dir``; returns its path.
+
+    ``failures``: ``(case, worker, reason)`` of cases left out because they failed (a run on a
+    cluster), listed in the report.
+    """
     summary, counts = result.summary(), result.counts()
     metrics = result.metric_names()
     curves_png = _curves_figure(result)
@@ -212,5 +224,5 @@ def write_evaluation(result: EvaluationResult, out_dir: str | os.PathLike, title
         if rand_png:
             (tmp / "randomisation.png").write_bytes(rand_png)
             figures.append(("Cascading randomisation", rand_png))
-        (tmp / "report.html").write_text(_html(result, summary, counts, figures, title))
+        (tmp / "report.html").write_text(_html(result, summary, counts, figures, title, failures))
     return Path(out_dir)

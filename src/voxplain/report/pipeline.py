@@ -34,7 +34,8 @@ from .target_choice import TargetChoice, channel_names, choose_targets, parse_ta
 from .writer import ScanSpace, slug, unique_slugs, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
-           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect"]
+           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect", "explain_settings",
+           "report_case"]
 
 
 @dataclass
@@ -200,13 +201,46 @@ def check_output_folder(out: str | os.PathLike, kind: str = "explain") -> Path:
     return check_replaceable(out, kind)
 
 
+def explain_settings(model: str, inputs: Sequence[str], task: str, target: str | None, methods: Sequence[str],
+                     weights: str | None = None, options: dict | None = None, device=None, seed: int = 0,
+                     command: str = "", output_key=None, region: str | None = None) -> dict[str, Any]:
+    """The run's settings as every case's ``summary.json`` records them (``voxplain explain``, any engine)."""
+    settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
+                "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
+                "methods": list(methods), "options": options or {}, "seed": seed,
+                "device": str(device or "model's device")}
+    if output_key is not None:
+        settings["output_key"] = output_key
+    return settings
+
+
+def report_case(folder: str | os.PathLike, loaded: LoadedModel, case: Case, task: str, target: str | None,
+                methods: Sequence[str], settings: dict[str, Any], options: dict | None = None, device=None,
+                seed: int = 0, progress: bool = False, batch_size: int | None = None,
+                memory_budget: str | None = None, region: str | None = None) -> Study:
+    """Explain one case and write its report into ``folder``; returns the study.
+
+    The one per-case step of ``voxplain explain``, whether the cases run one after
+    another in this process or as tasks on a Dask cluster (:mod:`voxplain.cohort`).
+    """
+    study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
+                               batch_size, memory_budget, region)
+    write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
+                 title=f"voxplain: {case.name}")
+    return study
+
+
 def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None,
                 methods: Sequence[str], weights: str | None = None, options: dict | None = None, device=None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
                 channels: int | None = None, command: str = "", output_key=None,
                 channels_from_4d: bool = False) -> Path:
-    """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
+    """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases.
+
+    The cases run one after another in this process and the whole folder appears when
+    complete; :func:`voxplain.cohort.run_explain_cohort` runs them on a Dask cluster instead.
+    """
     from ..methods import create_method
 
     out = check_output_folder(out, "explain")
@@ -215,21 +249,15 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     loaded = load_model_spec(model, weights, allow_unsafe_pickle)
     loaded.output_key = output_key
     cases = load_cases(inputs, channels, channels_from_4d)
-    settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
-                "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
-                "methods": list(methods), "options": options or {}, "seed": seed,
-                "device": str(device or "model's device")}
-    if output_key is not None:
-        settings["output_key"] = output_key
+    settings = explain_settings(model, inputs, task, target, methods, weights, options, device, seed, command,
+                                output_key, region)
     folders = unique_slugs([case.name for case in cases])
     with atomic_dir(out, kind="explain") as tmp:
         entries, rows, skipped = [], [], []
         for case, sub in zip(cases, folders):
-            study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
-                                       batch_size, memory_budget, region)
             folder = tmp / sub if len(cases) > 1 else tmp
-            write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
-                         title=f"voxplain: {case.name}")
+            study = report_case(folder, loaded, case, task, target, methods, settings, options, device, seed,
+                                progress, batch_size, memory_budget, region)
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
                             else "report.html", prediction_line(study.prediction)))
             case_rows = study_rows(study)
