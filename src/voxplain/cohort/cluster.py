@@ -25,7 +25,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = ["open_cluster", "TorchThreads", "cached_model", "worker_identity", "usable_cores"]
 
-#: how long to wait for an existing scheduler to answer
+#: how long to wait for an existing scheduler to answer, unless Dask's own
+#: ``distributed.comm.timeouts.connect`` (e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is set lower
 CONNECT_TIMEOUT = "20s"
 
 _models: dict[int, tuple[Any, Any]] = {}  # worker thread id -> (model key, model)
@@ -94,6 +95,15 @@ def worker_identity() -> dict[str, Any]:
     return ident
 
 
+def _connect_timeout(dask) -> float:
+    """Seconds to wait for a scheduler: :data:`CONNECT_TIMEOUT`, or Dask's configured connect timeout if shorter."""
+    from dask.utils import parse_timedelta
+
+    ours = parse_timedelta(CONNECT_TIMEOUT)
+    theirs = dask.config.get("distributed.comm.timeouts.connect", None)
+    return min(ours, parse_timedelta(theirs)) if theirs else ours
+
+
 def _dashboard(client) -> str | None:
     """The dashboard's address when the scheduler serves one (it needs bokeh)."""
     try:
@@ -121,7 +131,7 @@ def open_cluster(workers: int | None = None, scheduler: str | None = None,
     with contextlib.ExitStack() as stack:
         if scheduler is not None:
             try:
-                client = stack.enter_context(Client(scheduler, timeout=CONNECT_TIMEOUT))
+                client = stack.enter_context(Client(scheduler, timeout=_connect_timeout(dask)))
             except (OSError, TimeoutError) as err:
                 raise OSError(f"cannot reach the Dask scheduler at {scheduler} ({' '.join(str(err).split())}); "
                               "start one with `dask scheduler` and workers with `dask worker ADDRESS`") from None

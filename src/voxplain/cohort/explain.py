@@ -198,13 +198,14 @@ def run_explain_cohort(model: str, inputs: Sequence[str], out: str | os.PathLike
                      allow_unsafe_pickle=allow_unsafe_pickle, output_key=output_key, options=dict(options or {}),
                      device=device, seed=seed, batch_size=batch_size, memory_budget=memory_budget, region=region,
                      channels=channels, channels_from_4d=channels_from_4d)
-    claim_folder(out, COHORT_KIND)
     subs = unique_slugs([f.name for f in folders])
-    records = {i: case_record(out / sub, "explain", fp) for i, sub in enumerate(subs)}
-    todo = [i for i, r in records.items() if r is None]
+    todo = [i for i, sub in enumerate(subs) if case_record(out / sub, "explain", fp) is None]
     outcomes: dict[int, dict] = {}
-    if todo:
+    if not todo:
+        claim_folder(out, COHORT_KIND)
+    else:
         with open_cluster(workers, scheduler, say=say) as client:
+            claim_folder(out, COHORT_KIND)  # once the cluster is there: an unreachable one leaves no folder
             bar = CohortProgress(len(folders), len(folders) - len(todo), enabled=progress)
             try:
                 futures = {client.submit(explain_task, job, str(folders[i]), str(out / subs[i]),
