@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,30 @@ def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Se
     return len(_dataset(root, task, size))
 
 
-class CohortReader:
+class _IndexedReader:
+    """Cases read one by one by index from ``self.dataset`` (which has ``names`` and a length)."""
+
+    dataset: Any
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def names(self) -> list[str]:
+        """The cases' names, in order (nothing is loaded)."""
+        return list(self.dataset.names)
+
+    def case(self, i: int) -> EvalCase:  # pragma: no cover - every reader defines it
+        raise NotImplementedError
+
+    def first(self, limit: int | None = None) -> Iterator[EvalCase]:
+        """The cases in order, loaded one at a time; at most ``limit`` of them."""
+        n = len(self) if limit is None else min(limit, len(self))
+        for i in range(n):
+            yield self.case(i)
+
+
+class CohortReader(_IndexedReader):
     """The cases of a BraTS-layout cohort one by one, by index: :func:`cohort_cases` and Dask workers read through it.
 
     Arguments as :func:`cohort_cases`; ``cache`` keeps loaded cases in memory (each is read once
@@ -62,14 +86,6 @@ class CohortReader:
         self.region_channels = None if region_channels is None else tuple(region_channels)
         self.marker_info = cohort_marker(root)
         self.table = read_subjects_table(root) if self.marker_info is not None else {}
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def names(self) -> list[str]:
-        """The cases' names, in order (nothing is loaded)."""
-        return list(self.dataset.names)
 
     def case(self, i: int) -> EvalCase:
         """Case ``i`` with its target, ground-truth regions and shortcut marker."""
@@ -113,27 +129,16 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
             model predicts as the region), ``"all"`` (every voxel, NeuroXAI) or ``"label"``
             (the case's ground truth of the region). An empty region skips the case.
     """
-    reader = CohortReader(root, task, size, region, region_channels, pool=pool)
-    n = len(reader) if limit is None else min(limit, len(reader))
-    for i in range(n):
-        yield reader.case(i)
+    yield from CohortReader(root, task, size, region, region_channels, pool=pool).first(limit)
 
 
-class ImageFolderReader:
+class ImageFolderReader(_IndexedReader):
     """The images of a class-per-folder image folder one by one, by index (as :func:`image_folder_cases` yields them)."""
 
     def __init__(self, root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1):
         from ..data.datasets import ImageFolderDataset
 
         self.dataset = ImageFolderDataset(root, size=tuple(size), channels=channels)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def names(self) -> list[str]:
-        """The images' names (paths relative to the folder), in order."""
-        return list(self.dataset.names)
 
     def case(self, i: int) -> EvalCase:
         """Image ``i`` (no ground truth)."""
@@ -144,10 +149,7 @@ class ImageFolderReader:
 def image_folder_cases(root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1,
                        limit: int | None = None) -> Iterator[EvalCase]:
     """Yield the images of a class-per-folder image folder (no ground-truth masks)."""
-    reader = ImageFolderReader(root, size, channels)
-    n = len(reader) if limit is None else min(limit, len(reader))
-    for i in range(n):
-        yield reader.case(i)
+    yield from ImageFolderReader(root, size, channels).first(limit)
 
 
 #: the case readers by name: ``"brats"`` (a BraTS-layout cohort) and ``"images"`` (an image folder)
