@@ -294,3 +294,37 @@ def test_cluster_options_refuse_what_they_cannot_run(tmp_path, cohort, model, ca
         code = _explain(model, cohort, tmp_path / "o", "--scheduler", f"tcp://127.0.0.1:{_free_port()}")
     assert code == 2 and "cannot reach the Dask scheduler" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_case_with_an_empty_region_is_skipped_and_its_sanity_checks_go_to_the_next_case_on_both_engines():
+    """No cluster: the task functions run in this process, the same code the workers run."""
+    from voxplain.cohort.evaluate import randomise_task
+    from voxplain.evaluate.runner import EvalCase, MetricsAccumulator, evaluate_case, evaluate_cases, randomise_case
+    from voxplain.targets import BratsRegionTarget
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(4, 3, 1), torch.nn.Conv3d(3, 3, 1)).eval()
+    target = BratsRegionTarget("WT", layout="regions", channels=("TC", "WT", "ET"), region="predicted")
+    low = torch.full((4, 8, 8, 8), -50.0)
+    with torch.no_grad():  # make the empty case truly empty: every WT logit below zero
+        assert (net(low[None])[:, 1] < 0).all() or (net(-low[None])[:, 1] < 0).all()
+    empty = low if (net(low[None])[:, 1] < 0).all() else -low
+    cases = [EvalCase("empty", empty, target), EvalCase("tumour", torch.randn(4, 8, 8, 8), target)]
+    kw = dict(families=["complexity", "randomisation"], seed=0)
+    one = evaluate_cases(net, cases, ["vanilla_gradient"], randomisation_cases=1, **kw)
+    assert set(one.settings["skipped_cases"]) == {"empty"} and "empty" in one.settings["skipped_cases"]["empty"]
+    assert list(one.randomisation) == ["tumour"]  # the skipped case did not take the only slot
+
+    # the cluster's path: scores, then the checks of the first case not skipped
+    scored = [{"status": "done", "scores": evaluate_case(net, c, ["vanilla_gradient"], None, kw["families"])}
+              for c in cases]
+    assert scored[0]["scores"].skipped and scored[1]["scores"].skipped is None
+    # a skipped case's checks end before the job is read (so the next case takes the slot)
+    assert randomise_task(None, 0, "empty", scored[0])["status"] == "skipped"
+    acc = MetricsAccumulator(["vanilla_gradient"])
+    checks = randomise_case(net, cases[1], ["vanilla_gradient"], seed=0,
+                            check_target=scored[1]["scores"].check_target)
+    acc.add(scored[0]["scores"]), acc.add(scored[1]["scores"], checks)
+    two = acc.result(one.settings)
+    assert json.dumps(two.per_case, sort_keys=True) == json.dumps(one.per_case, sort_keys=True)  # NaN-safe
+    assert two.settings["skipped_cases"] == one.settings["skipped_cases"]
