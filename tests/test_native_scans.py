@@ -255,3 +255,106 @@ def test_module_factory_without_weights_is_refused_unless_random_weights_is_aske
     summary = json.loads((tmp_path / "trained" / "summary.json").read_text())
     assert summary["settings"]["random_weights"] is False and "alerts" not in summary
     assert 'class="alert"' not in (tmp_path / "trained" / "report.html").read_text()
+
+
+# -- 4. MONAI bundles -----------------------------------------------------------------------------------------
+def _bundle(root: Path, network: dict, weights: dict, roi=(16, 16, 16), extra_steps=()) -> Path:
+    from test_bundle import METADATA, _brats_inference, _make_bundle
+
+    steps = [{"_target_": "LoadImaged", "keys": "image"}, {"_target_": "EnsureChannelFirstd", "keys": "image"},
+             {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+             {"_target_": "Spacingd", "keys": "image", "pixdim": [2.0, 2.0, 2.0], "mode": "bilinear"},
+             {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
+             *extra_steps]
+    inference = _brats_inference(roi=roi, preprocessing=steps)
+    inference["network_def"] = network
+    return _make_bundle(root, inference, weights, metadata=METADATA)
+
+
+def test_a_brats_shaped_bundle_explained_from_the_command_line(tmp_path, capsys):
+    from test_bundle import NETWORK, _network
+
+    case = write_case(tmp_path / "data")
+    folder = _bundle(tmp_path / "brats_mri_segmentation", NETWORK, _network(seed=1).state_dict())
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "explain", "--model", folder, "--input", case, "--target", "Whole tumor",
+                        "--methods", "vanilla_gradient,gradcam", "--out", out, "--quiet")
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    settings, study = summary["settings"], summary["studies"][0]
+    assert settings["random_weights"] is False and settings["bundle"]["classes"][1] == "Whole tumor"
+    assert settings["model_grid"]["from"] == {"sliding_window": "bundle inferer", "spacing": "bundle",
+                                              "orientation": "bundle", "normalisation": "bundle",
+                                              "channel_names": "bundle"}
+    notes = study["settings"]["preprocessing"]
+    assert notes["channels"]["from_scan"] == ["t1ce", "t1", "t2", "flair"]
+    assert notes["resampled"]["spacing_mm"] == [2.0, 2.0, 2.0] and notes["normalise"].startswith("bundle: Normal")
+    assert notes["sliding_window"]["roi_size"] == [16, 16, 16]
+    assert study["settings"]["targets"]["Whole tumor"]["target"]["classes"] == [1]
+    for f in (out / "maps").glob("*.nii.gz"):
+        img = nib.load(f)
+        assert img.shape[:3] == SHAPE and np.allclose(img.affine, LPS_1MM)
+
+
+def test_a_bundle_s_channel_order_and_activation_are_followed(tmp_path, capsys):
+    """The network reads only its first channel, T1c: the gradient map (written in the scan's order) lives in t1ce."""
+    from tiny_models import FirstChannelSeg
+
+    case = write_case(tmp_path / "data")
+    folder = _bundle(tmp_path / "probe", {"_target_": "tiny_models.FirstChannelSeg"}, FirstChannelSeg().state_dict())
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "explain", "--model", folder, "--input", case, "--target", "Tumor core",
+                        "--methods", "vanilla_gradient", "--out", out, "--quiet")
+    assert code == 0, err
+    data = np.asarray(nib.load(next((out / "maps").glob("*vanilla_gradient.nii.gz"))).dataobj)
+    per_channel = np.abs(data).reshape(-1, 4).sum(0)
+    assert per_channel[1] > 0 and per_channel[[0, 2, 3]].max() == 0  # t1, t1ce, t2, flair on disk
+    target = json.loads((out / "summary.json").read_text())["settings"]["bundle"]
+    assert target["output_activation"] == "sigmoid"
+
+
+def test_a_bundle_step_voxplain_cannot_reproduce_is_refused_by_name(tmp_path, capsys):
+    from test_bundle import NETWORK, _network
+
+    case = write_case(tmp_path / "data")
+    crop = {"_target_": "CropForegroundd", "keys": "image", "source_key": "image"}
+    folder = _bundle(tmp_path / "b", NETWORK, _network(seed=1).state_dict(), extra_steps=[crop])
+    code, _, err = _run(capsys, "explain", "--model", folder, "--input", case, "--methods", "vanilla_gradient",
+                        "--out", tmp_path / "out", "--quiet")
+    _one_line_error(code, err, "CropForeground")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_says_a_bundle_is_code(capsys):
+    with pytest.raises(SystemExit):
+        main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MONAI bundle folder" in text and "a bundle, like module:factory and TorchScript, is code" in text
+
+
+# -- 5. DICOM series ------------------------------------------------------------------------------------------
+def test_a_folder_of_dicom_series_is_explained_and_maps_are_nifti_on_its_grid(tmp_path, capsys):
+    from test_dicom import _geometry, _volume, _write_series
+
+    affine = _geometry("axial")
+    for i, m in enumerate(MODALITIES):
+        _write_series(tmp_path / "dicom" / m, _volume(seed=i), affine, description=f"AX {m.upper()}")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "explain", "--model", f"{HERE}:build_voxel_probe", "--random-weights", "--input",
+                        tmp_path / "dicom", "--task", "classify", "--target", "0", "--methods", "vanilla_gradient",
+                        "--out", out, "--quiet")
+    assert code == 0, err
+    img = nib.load(next((out / "maps").glob("*vanilla_gradient.nii.gz")))
+    np.testing.assert_allclose(img.affine, affine, atol=1e-4)
+    assert img.shape == (12, 10, 7, 4)
+    data = np.asarray(img.dataobj)
+    nz = np.argwhere(data != 0)
+    # RAS voxel (3, 5, 4) of the probe, stored on the DICOM grid (columns towards L, rows towards P: both flipped)
+    assert nz.tolist() == [[12 - 1 - 3, 10 - 1 - 5, 4, 0]]
+    # a modality with two series (e.g. a repeated acquisition) is refused: exit 2, one line, nothing written
+    _write_series(tmp_path / "dicom" / "flair2", _volume(seed=9), affine, description="SAG FLAIR")
+    code, _, err = _run(capsys, "explain", "--model", f"{HERE}:build_voxel_probe", "--random-weights", "--input",
+                        tmp_path / "dicom", "--task", "classify", "--methods", "vanilla_gradient",
+                        "--out", tmp_path / "mixed", "--quiet")
+    _one_line_error(code, err, "flair: several")
+    assert not (tmp_path / "mixed").exists()

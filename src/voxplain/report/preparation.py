@@ -21,8 +21,9 @@ order MONAI's bundles apply their transforms:
 
 :class:`Prepared` keeps the way back: ``to_scan`` puts a map made on the model's
 grid on the scan's own grid (crop undone, then linear interpolation back to the
-source voxels), ``labels_to_scan`` does the same for label maps with nearest
-neighbour, so every NIfTI written has the source scan's shape and affine.
+source voxels, and a per-channel map's channels back in the scan's order),
+``labels_to_scan`` does the same for label maps with nearest neighbour, so every
+NIfTI written has the source scan's shape and affine.
 """
 
 from __future__ import annotations
@@ -236,8 +237,9 @@ def prepare_case(case, model: nn.Module, config: dict | None = None, normalise: 
     """Bring ``case`` to what ``model`` expects (see the module docstring) and remember the way back.
 
     Volumes: channels ordered, resampled, normalised (``normalise``), then cropped/padded
-    to ``size`` (default the checkpoint's ``input_size``) around ``centre`` (default the
-    brain's centre), or padded to the network's size multiple. 2D images: values as
+    to ``size`` (default the checkpoint's ``input_size``; voxels of the model's grid) around
+    ``centre`` (voxel coordinates of the scan; default the brain's centre), or padded to the
+    network's size multiple. 2D images: values as
     read; resized to the checkpoint's ``input_size`` if it has one.
     """
     from ..data.preprocess import crop_or_pad, foreground_centre
@@ -258,16 +260,23 @@ def prepare_case(case, model: nn.Module, config: dict | None = None, normalise: 
         return Prepared(x, None, notes, spacing=spacing)
 
     _check_channels(model, case)
+    back_to_scan_order = None
     if grid.channel_names is not None:
         image, order = reorder_channels(image, case.channels, grid.channel_names)
         if order != list(range(len(order))):
-            notes["channels"] = {"model": list(grid.channel_names), "from_scan": [case.channels[i] for i in order]}
+            notes["channels"] = {"model": list(grid.channel_names), "from_scan": [case.channels[i] for i in order],
+                                 "maps_written_in": "the scan's channel order"}
+            inverse = np.argsort(order)
+            back_to_scan_order = (lambda a: a[inverse] if a.shape[0] == len(inverse) else a)
     if (grid.spacing is not None or grid.orientation is not None) and case.meta is not None:
         from ..data.resample import resample_to_spacing
 
         resampled, affine, mapping = resample_to_spacing(image, case.meta.ras_affine, grid.spacing,
                                                          grid.orientation or None, kind="map")
         if not mapping.is_identity:
+            if centre is not None:  # the scan's voxel coordinates -> the model grid's, through the world
+                world = case.meta.ras_affine @ np.append(np.asarray(centre, float), 1.0)
+                centre = tuple((np.linalg.inv(affine) @ world)[:3])
             image = resampled
             seg = None if seg is None else mapping.to_target(seg, kind="label")
             to_scan = (lambda a: mapping.to_source(a, kind="map"))
@@ -307,6 +316,7 @@ def prepare_case(case, model: nn.Module, config: dict | None = None, normalise: 
         if tuple(box.size) != tuple(box.source_shape) or any(box.start):
             to_scan = _compose(box.restore, to_scan)
             labels_to_scan = _compose(box.restore, labels_to_scan)
+    to_scan = _compose(to_scan, back_to_scan_order)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     labels = None if seg is None else np.rint(np.asarray(seg)).astype(np.int16)
     return Prepared(x, to_scan, notes, labels, labels_to_scan, spacing)
