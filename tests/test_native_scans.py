@@ -329,7 +329,7 @@ def test_help_says_a_bundle_is_code(capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "MONAI bundle folder" in text and "a bundle, like module:factory and TorchScript, is code" in text
+    assert "MONAI bundle folder" in text and "A MONAI bundle is code" in text and "like TorchScript" in text
 
 
 # -- 5. DICOM series ------------------------------------------------------------------------------------------

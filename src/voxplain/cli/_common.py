@@ -25,9 +25,9 @@ REGION_HELP = ("segmentation: the voxels a class channel is averaged over to mak
 MODEL_HELP = ("a voxplain checkpoint folder; a shipped model by name: demo-unet, demo-grade, demo-slices (a local "
               "folder of that name wins); a MONAI bundle folder (configs/ + models/model.pt: its preprocessing, "
               "sliding-window inferer, channel and class names are used); 'module:factory' or 'file.py:factory' "
-              "with --weights (imports and runs that Python code); or a TorchScript file. "
-              + BUNDLE_IS_CODE.replace("a MONAI bundle is code", "A bundle is code, like TorchScript and "
-                                       "module:factory") + ". Weights files are read with weights_only=True")
+              "with --weights (imports and runs that Python code); or a TorchScript file (it carries code that "
+              "runs: trusted files only). " + BUNDLE_IS_CODE[0].upper() + BUNDLE_IS_CODE[1:]
+              + ". Weights files are read with weights_only=True")
 
 
 def add_model_input_arguments(parser: argparse.ArgumentParser) -> None:
