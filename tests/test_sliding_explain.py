@@ -195,3 +195,13 @@ def test_inspection_under_sliding_windows_traces_one_window():
     assert list(cams) and all(c.shape == (1, 1, 24, 20, 16) for c in cams.values())
     with pytest.raises(ValueError, match="upsample=False"):
         gradcam_per_layer(model, x, SegmentationTarget(1), sliding_window=SW, upsample=False)
+
+
+def test_a_budget_one_window_batch_cannot_fit_is_refused_before_it_runs():
+    from voxplain.memory import MemoryBudgetError
+
+    model, x = _model(), _volume()
+    with pytest.raises(MemoryBudgetError, match="window.*sw_batch_size"):
+        voxplain.explain(model, x.repeat(2, 1, 1, 1, 1), SegmentationTarget(1), methods=["vanilla_gradient"],
+                         sliding_window={**SW, "sw_batch_size": 4}, memory_budget="100KB")
+    assert all(not m._forward_hooks for m in model.modules())

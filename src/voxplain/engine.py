@@ -290,12 +290,16 @@ class Engine:
         pass_kind = "forward and backward pass" if backward else "forward pass"
         need = (f"one input row of shape {row_shape} needs about {format_bytes(per_row)} for a {pass_kind} "
                 "(estimated from the sizes of the model's layer outputs)")
-        advice = "crop or downsample the input, or use a machine with more memory"
+        self.refuse_over_budget(per_row, need, "crop or downsample the input, or use a machine with more memory")
+
+    def refuse_over_budget(self, need_bytes: int, need: str, advice: str) -> None:
+        """Raise :class:`~voxplain.memory.MemoryBudgetError` (``need``, then ``advice``) for a pass needing
+        ``need_bytes`` when a budget was given (it needs more), or else when the device has less free."""
         if self.budget_given:
             raise MemoryBudgetError(f"{need}, more than memory_budget={format_bytes(self.memory_budget)}; "
                                     f"raise memory_budget (--memory-budget) or {advice}")
         free = available_bytes(self.device)
-        if free is not None and per_row > free:
+        if free is not None and need_bytes > free:
             raise MemoryBudgetError(f"{need}, more than the {format_bytes(free)} free on {self.device}; {advice}")
 
     def _is_large_row(self, row_shape: Sequence[int]) -> bool:

@@ -82,19 +82,14 @@ def rows_per_pass(engine: "Engine", row_shape: Sequence[int], backward: bool = T
 def _refuse_or_warn(engine: "Engine", plan, row_shape: Sequence[int], need: int, backward: bool) -> None:
     """One window batch and one row's volume buffers need more than the budget: refused when a budget was
     given (or the device lacks the memory), else one warning (passes then take one row)."""
-    from .memory import MemoryBudgetError, available_bytes, format_bytes
+    from .memory import format_bytes
 
     sw = engine.sliding_window
     what = (f"one batch of {sw.sw_batch_size} window(s) of {plan.roi_size} and the volume-sized buffers of one "
             f"row of shape {tuple(row_shape)} need about {format_bytes(need)} for a "
             f"{'forward and backward pass' if backward else 'forward pass'}")
     advice = "lower sw_batch_size (--sw-batch-size) or the window size (--roi), or crop the scan"
-    if engine.budget_given:
-        raise MemoryBudgetError(f"{what}, more than memory_budget={format_bytes(engine.memory_budget)}; raise "
-                                f"memory_budget (--memory-budget) or {advice}")
-    free = available_bytes(engine.device)
-    if free is not None and need > free:
-        raise MemoryBudgetError(f"{what}, more than the {format_bytes(free)} free on {engine.device}; {advice}")
+    engine.refuse_over_budget(need, what, advice)
     if not engine._window_budget_warned:
         engine._window_budget_warned = True
         warnings.warn(f"{what}, above the default pass size of {format_bytes(engine.memory_budget)}; passes take "
