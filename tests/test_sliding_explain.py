@@ -205,3 +205,14 @@ def test_a_budget_one_window_batch_cannot_fit_is_refused_before_it_runs():
         voxplain.explain(model, x.repeat(2, 1, 1, 1, 1), SegmentationTarget(1), methods=["vanilla_gradient"],
                          sliding_window={**SW, "sw_batch_size": 4}, memory_budget="100KB")
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_one_row_smaller_than_its_window_is_still_sized_and_refused_over_budget():
+    from voxplain.memory import MemoryBudgetError
+
+    model, x = _model(), _volume((4, 4, 4))  # the row is tiny; the 16^3 window it is padded to is not
+    with _calls(model) as seen, pytest.raises(MemoryBudgetError, match="window.*sw_batch_size"):
+        voxplain.explain(model, x, SegmentationTarget(1), methods=["vanilla_gradient"], sliding_window=SW,
+                         memory_budget="100KB")
+    assert all(shape[2:] != (16, 16, 16) or shape[0] == 1 for shape in seen)  # at most the one sizing window
+    assert all(not m._forward_hooks for m in model.modules())

@@ -306,9 +306,16 @@ class Engine:
         """Whether running the model on one row just to size it could itself use too much memory."""
         return 4 * math.prod(row_shape) * _REAL_PROBE_FACTOR > self.memory_budget
 
+    def _is_large_pass(self, row_shape: Sequence[int]) -> bool:
+        """Whether one row's pass must be sized (and may be refused) before it runs: a large row, or under a
+        sliding window a large window batch or padded row (the row itself may be smaller than one window)."""
+        if self.sliding_window is not None:
+            return engine_windows.is_large_pass(self, row_shape)
+        return self._is_large_row(row_shape)
+
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
-        if n_rows == 1 and (self.batch_size is not None or not self._is_large_row(row_shape)):
+        if n_rows == 1 and (self.batch_size is not None or not self._is_large_pass(row_shape)):
             # nothing to split and nothing to refuse: skip the size estimate
             yield slice(0, n_rows)
             return
@@ -326,7 +333,7 @@ class Engine:
         fit at all is refused here (:class:`~voxplain.memory.MemoryBudgetError`).
         """
         row = tuple(x.shape[1:])
-        if self.batch_size is None and self._is_large_row(row):
+        if self.batch_size is None and self._is_large_pass(row):
             self.rows_per_pass(row)
         return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(row)
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .engine import Engine, Gradients
     from .targets import BoundTarget
 
-__all__ = ["rows_per_pass", "forward", "scores", "gradients", "window_output_channels"]
+__all__ = ["is_large_pass", "rows_per_pass", "forward", "scores", "gradients", "window_output_channels"]
 
 _FLOAT_BYTES = 4
 
@@ -57,6 +57,14 @@ def window_output_channels(engine: "Engine", row_shape: Sequence[int]) -> int:
                              f"{tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__}")
         engine._window_channels[key] = int(out.shape[1])
     return engine._window_channels[key]
+
+
+def is_large_pass(engine: "Engine", row_shape: Sequence[int]) -> bool:
+    """Whether one window batch, or one row padded to the windows, is large enough to be sized before a pass."""
+    plan = _plan(engine, row_shape)
+    channels = int(row_shape[0])
+    window_batch = (engine.sliding_window.sw_batch_size * channels,) + plan.roi_size
+    return engine._is_large_row(window_batch) or engine._is_large_row((channels,) + tuple(plan.padded_shape))
 
 
 def rows_per_pass(engine: "Engine", row_shape: Sequence[int], backward: bool = True) -> int:
