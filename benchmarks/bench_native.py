@@ -274,7 +274,8 @@ def main() -> None:
         print(f"{args.path}: RegionUNet ({'weights ' + args.weights if args.weights else 'random weights'}), roi "
               f"{args.roi}^3, overlap 0.5, gaussian, sw_batch_size {args.sw_batch_size}, target WT logit over "
               f"{'the ground-truth tumour' if args.region == 'wt' else 'all voxels'}, memory_budget {args.budget_gb} GB")
-        print(f"{'method':<9} {'windows':>7} {'calls':>6} {'seconds':>9} {'peak RSS':>10} {'budget':>9}  notes")
+        print(f"{'method':<9} {'windows':>7} {'calls':>6} {'seconds':>9} {'RSS before':>10} {'peak RSS':>10} "
+              f"{'budget':>9}  notes")
         for method in args.only:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--case", str(case), "--path",
                    args.path, "--steps", str(args.steps), "--roi", str(args.roi), "--region", args.region,
@@ -288,7 +289,8 @@ def main() -> None:
             r = json.loads(out.stdout.strip().splitlines()[-1])
             peak_gb = r["peak_kb"] / 1024**2
             notes = {k: v for k, v in r.items() if k in ("steps", "completeness_error")}
-            print(f"{method:<9} {r['windows']:>7} {r['model_calls']:>6} {r['seconds']:>9.1f} {peak_gb:>8.2f}GB "
+            print(f"{method:<9} {r['windows']:>7} {r['model_calls']:>6} {r['seconds']:>9.1f} "
+                  f"{r['before_kb'] / 1024**2:>8.2f}GB {peak_gb:>8.2f}GB "
                   f"{'holds' if peak_gb <= args.budget_gb else 'EXCEEDED':>9}  {json.dumps(notes)}")
     print("load average after:", " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
