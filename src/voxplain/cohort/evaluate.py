@@ -55,18 +55,22 @@ class EvaluateJob:
     device: Any = None
     batch_size: int | None = None
     memory_budget: str | None = None
+    random_weights: bool = False
+    sliding_window: dict[str, Any] | None = None
 
 
 def _model(job: EvaluateJob):
-    from ..models.checkpoint import load_model
+    """``(model, sliding window)`` of the job on this worker (loaded once per worker)."""
+    from ..report.pipeline import load_model_spec, model_grid
 
     def load():
-        model = load_model(job.model, job.weights, allow_unsafe_pickle=job.allow_unsafe_pickle)
-        if model_digest(model, None) != job.model_key:
+        loaded = load_model_spec(job.model, job.weights, job.allow_unsafe_pickle, job.random_weights)
+        if model_digest(loaded.model, None) != job.model_key:
             raise ValueError(f"the model {job.model} changed on disk since this evaluation started; run again")
-        return model
+        # --roi, else a bundle's own inferer
+        return loaded.model, model_grid(loaded.config, loaded.bundle, sliding_window=job.sliding_window).sliding_window
 
-    return cached_model((job.model_key, job.model, job.weights), load)[0]
+    return cached_model((job.model_key, job.model, job.weights, job.random_weights, job.sliding_window), load)[0]
 
 
 def _case(job: EvaluateJob, index: int, name: str):
@@ -98,11 +102,11 @@ def evaluate_task(job: EvaluateJob, index: int, name: str) -> dict[str, Any]:
 
     start = time.perf_counter()
     try:
-        model = _model(job)
+        model, window = _model(job)
         case = _case(job, index, name)
         scores = evaluate_case(model, case, job.methods, job.options, job.families, job.steps, job.baseline,
                                tolerance=job.tolerance, seed=job.seed, device=job.device, batch_size=job.batch_size,
-                               memory_budget=job.memory_budget)
+                               memory_budget=job.memory_budget, sliding_window=window)
     except INPUT_ERRORS as err:
         return {"status": "failed", "reason": one_line(err), "worker": _label(worker_identity())}
     return {"status": "done", "scores": scores, "worker": _label(worker_identity()),
@@ -119,10 +123,11 @@ def randomise_task(job: EvaluateJob, index: int, name: str, scored: dict[str, An
     if scores.skipped is not None:  # not explained (an empty region): no checks, the next case takes its place
         return {"status": "skipped", "reason": scores.skipped, "worker": scored.get("worker")}
     try:
-        model = _model(job)
+        model, window = _model(job)
         case = _case(job, index, name)
         checks = randomise_case(model, case, job.methods, job.options, scores.is_classifier and scores.classes > 1,
-                                job.seed, job.device, job.batch_size, job.memory_budget, scores.check_target)
+                                job.seed, job.device, job.batch_size, job.memory_budget, scores.check_target,
+                                sliding_window=window)
     except INPUT_ERRORS as err:
         return {"status": "failed", "reason": one_line(err), "worker": _label(worker_identity())}
     return {"status": "done", "checks": checks, "worker": _label(worker_identity())}
@@ -134,11 +139,16 @@ def run_evaluate_cohort(model: str, reader: str, reader_args: dict[str, Any], ou
                         families=(), steps: int = 20, baseline="zero", tolerance: float = 0.0,
                         randomisation_cases: int = 1, seed: int = 0, device=None, batch_size: int | None = None,
                         memory_budget: str | None = None, limit: int | None = None, title: str = "voxplain evaluation",
-                        progress: bool = False, say: Callable[[str], None] | None = None) -> CohortResult:
+                        progress: bool = False, random_weights: bool = False,
+                        sliding_window: dict[str, Any] | None = None, loaded=None,
+                        say: Callable[[str], None] | None = None) -> CohortResult:
     """Score every case of a cohort on a Dask cluster and write the evaluation folder; see the module docstring.
 
     ``reader`` and ``reader_args`` name the cases (:data:`voxplain.evaluate.cohort.READERS`);
-    ``limit`` takes the first that many. Returns how it went.
+    ``limit`` takes the first that many. ``sliding_window`` (a dict of its settings)
+    overrides a bundle's inferer; ``random_weights`` allows ``module:factory`` without
+    weights. ``loaded``: the :class:`~voxplain.report.pipeline.LoadedModel` of ``model``
+    when the caller has it already (not loaded again). Returns how it went.
     """
     from pathlib import Path
 
@@ -147,7 +157,7 @@ def run_evaluate_cohort(model: str, reader: str, reader_args: dict[str, Any], ou
     from ..evaluate.output import write_evaluation
     from ..evaluate.runner import MetricsAccumulator, check_families, evaluation_settings
     from ..methods import create_methods
-    from ..models.checkpoint import load_model
+    from ..report.pipeline import load_model_spec
 
     say = say or (lambda text: None)
     out = Path(check_replaceable(out, "evaluate")).resolve()
@@ -157,11 +167,14 @@ def run_evaluate_cohort(model: str, reader: str, reader_args: dict[str, Any], ou
     names = READERS[reader](**args).names[:limit]
     if not names:
         raise ValueError(f"no cases to evaluate in {reader_args.get('root')}")
-    key = model_digest(load_model(model, weights, allow_unsafe_pickle=allow_unsafe_pickle), None)
+    if loaded is None:
+        loaded = load_model_spec(model, weights, allow_unsafe_pickle, random_weights)
+    key = model_digest(loaded.model, None)
+    del loaded  # the workers load their own
     job = EvaluateJob(shared_spec(model), key, reader, args, tuple(methods),
                       None if weights is None else str(Path(weights).resolve()), allow_unsafe_pickle,
                       dict(options or {}), tuple(families), steps, baseline, tolerance, seed, device, batch_size,
-                      memory_budget)
+                      memory_budget, random_weights, sliding_window)
     randomise = "randomisation" in families and randomisation_cases > 0
     scored: dict[int, dict] = {}
     checked: dict[int, dict] = {}

@@ -49,6 +49,8 @@ class ExplainJob:
 
     ``model`` is the spec with its paths made absolute (workers start elsewhere);
     ``model_as_typed`` is recorded in the reports, as the single-process loop does.
+    ``spacing``, ``pad_multiple`` and ``sliding_window`` are the command's overrides of the
+    model's grid (:func:`voxplain.report.preparation.model_grid`), applied on each worker.
     """
 
     model: str
@@ -70,6 +72,10 @@ class ExplainJob:
     region: str | None = None
     channels: int | None = None
     channels_from_4d: bool = False
+    random_weights: bool = False
+    spacing: Any = None
+    pad_multiple: Any = None
+    sliding_window: dict[str, Any] | None = None
 
 
 @dataclass
@@ -118,7 +124,7 @@ def cohort_case_folders(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 def _load_model(job: ExplainJob):
     from ..report.pipeline import load_model_spec
 
-    loaded = load_model_spec(job.model, job.weights, job.allow_unsafe_pickle)
+    loaded = load_model_spec(job.model, job.weights, job.allow_unsafe_pickle, job.random_weights)
     if model_digest(loaded.model, loaded.config) != job.model_key:
         raise ValueError(f"the model {job.model_as_typed} changed on disk since this cohort run started; run again")
     loaded.output_key = job.output_key
@@ -133,20 +139,22 @@ def _worker_label(ident: dict[str, Any]) -> str:
 def explain_task(job: ExplainJob, case_dir: str, dest: str) -> dict[str, Any]:
     """Explain the case in ``case_dir`` into its own folder ``dest`` (runs on a worker); returns its outcome."""
     from ..report.inputs import load_cases
-    from ..report.pipeline import report_case
+    from ..report.pipeline import model_grid, report_case
 
     start = time.perf_counter()
     if case_record(dest, "explain", job.fingerprint) is not None:
         # an earlier attempt finished it, then its worker died before saying so
         return {"status": "done", "worker": _worker_label(worker_identity()), "seconds": 0.0}
     try:
-        loaded, _ = cached_model((job.model_key, job.model, job.weights, job.output_key), lambda: _load_model(job))
+        loaded, _ = cached_model((job.model_key, job.model, job.weights, job.output_key, job.random_weights),
+                                 lambda: _load_model(job))
+        grid = model_grid(loaded.config, loaded.bundle, job.spacing, job.pad_multiple, job.sliding_window)
         case = load_cases([case_dir], job.channels, job.channels_from_4d)[0]
         ident = worker_identity()
         settings = dict(job.settings, cohort={"fingerprint": job.fingerprint, "worker": ident})
         with atomic_dir(dest, kind="explain") as tmp:
             report_case(tmp, loaded, case, job.task, job.target, job.methods, settings, job.options, job.device,
-                        job.seed, False, job.batch_size, job.memory_budget, job.region)
+                        job.seed, False, job.batch_size, job.memory_budget, job.region, grid)
     except INPUT_ERRORS as err:
         return {"status": "failed", "reason": one_line(err), "worker": _worker_label(worker_identity())}
     return {"status": "done", "worker": _worker_label(ident), "seconds": round(time.perf_counter() - start, 3),
@@ -170,15 +178,18 @@ def run_explain_cohort(model: str, inputs: Sequence[str], out: str | os.PathLike
                        progress: bool = False, batch_size: int | None = None, memory_budget: str | None = None,
                        region: str | None = None, allow_unsafe_pickle: bool = False, channels: int | None = None,
                        command: str = "", output_key=None, channels_from_4d: bool = False,
-                       say: Callable[[str], None] | None = None) -> CohortResult:
+                       spacing=None, pad_multiple=None, sliding_window: dict[str, Any] | None = None,
+                       random_weights: bool = False, say: Callable[[str], None] | None = None) -> CohortResult:
     """Explain every case of a folder of cases on a Dask cluster; see the module docstring.
 
     ``workers``: start a local cluster of that many processes; ``scheduler``: use the
-    cluster at that address. Returns how it went; failed cases are listed in the
-    folder's ``index.html`` and ``failures.csv``.
+    cluster at that address. The other arguments are those of
+    :func:`voxplain.report.pipeline.run_explain` (``sliding_window`` as a dict of its
+    settings). Returns how it went; failed cases are listed in the folder's
+    ``index.html`` and ``failures.csv``.
     """
     from ..methods import create_method
-    from ..report.pipeline import explain_settings, load_model_spec
+    from ..report.pipeline import explain_settings, load_model_spec, model_grid
     from ..report.writer import unique_slugs
 
     say = say or (lambda text: None)
@@ -186,18 +197,21 @@ def run_explain_cohort(model: str, inputs: Sequence[str], out: str | os.PathLike
     for m in methods:  # a bad method name fails here, before a cluster starts
         create_method(m, (options or {}).get(m))
     folders = cohort_case_folders(inputs)
-    loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded = load_model_spec(model, weights, allow_unsafe_pickle, random_weights)
     key = model_digest(loaded.model, loaded.config)
-    del loaded  # the workers load their own
-    fp = fingerprint(key, task=task, target=target, methods=list(methods), options=options or {}, seed=seed,
-                     region=region, channels=channels, channels_from_4d=channels_from_4d, output_key=output_key)
+    grid = model_grid(loaded.config, loaded.bundle, spacing, pad_multiple, sliding_window)  # bad settings fail here
     settings = explain_settings(model, inputs, task, target, methods, weights, options, device, seed, command,
-                                output_key, region)
+                                output_key, region, loaded, grid)
+    del loaded, grid  # the workers load their own
+    fp = fingerprint(key, task=task, target=target, methods=list(methods), options=options or {}, seed=seed,
+                     region=region, channels=channels, channels_from_4d=channels_from_4d, output_key=output_key,
+                     model_grid=settings["model_grid"], random_weights=random_weights)
     job = ExplainJob(shared_spec(model), model, key, fp, task, target, tuple(methods), settings,
                      weights=None if weights is None else str(Path(weights).resolve()),
                      allow_unsafe_pickle=allow_unsafe_pickle, output_key=output_key, options=dict(options or {}),
                      device=device, seed=seed, batch_size=batch_size, memory_budget=memory_budget, region=region,
-                     channels=channels, channels_from_4d=channels_from_4d)
+                     channels=channels, channels_from_4d=channels_from_4d, random_weights=random_weights,
+                     spacing=spacing, pad_multiple=pad_multiple, sliding_window=sliding_window)
     subs = unique_slugs([f.name for f in folders])
     todo = [i for i, sub in enumerate(subs) if case_record(out / sub, "explain", fp) is None]
     outcomes: dict[int, dict] = {}

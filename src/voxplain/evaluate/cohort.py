@@ -30,11 +30,13 @@ __all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases", "CohortRe
 POOLS = ("predicted", "all", "label")
 
 
-def _dataset(root, task: str, size, cache: bool = True):
+def _dataset(root, task: str, size, cache: bool = True, spacing=None, orientation=None, modalities=None):
+    from ..data.brats import MODALITIES
     from ..data.datasets import BratsCohortDataset
 
     return BratsCohortDataset(root, task="grade" if task == "classify" else "segment",
-                              size=None if size is None else tuple(size), cache=cache)
+                              size=None if size is None else tuple(size), cache=cache, spacing=spacing,
+                              orientation=orientation, modalities=tuple(modalities or MODALITIES))
 
 
 def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None) -> int:
@@ -74,14 +76,15 @@ class CohortReader(_IndexedReader):
 
     def __init__(self, root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
                  region: str = "WT", region_channels: Sequence[str] | None = None, cache: bool = False,
-                 pool: str = "predicted"):
+                 pool: str = "predicted", spacing: float | Sequence[float] | None = None,
+                 orientation: str | None = None, modalities: Sequence[str] | None = None):
         from ..data.brats import read_subjects_table
 
         if task not in ("classify", "segment"):
             raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-        self.dataset = _dataset(root, task, size, cache)
+        self.dataset = _dataset(root, task, size, cache, spacing, orientation, modalities)
         self.task, self.region, self.pool = task, region, pool
         self.region_channels = None if region_channels is None else tuple(region_channels)
         self.marker_info = cohort_marker(root)
@@ -92,15 +95,20 @@ class CohortReader(_IndexedReader):
         from ..data.preprocess import REGIONS, labels_to_regions
 
         ds = self.dataset
-        image, _, box = ds.item(i)
+        image, _, box, mapping = ds.item(i)
         case = ds.case(i)
+        seg, shape, affine, zooms = case.seg, case.shape, case.meta.ras_affine, tuple(case.meta.zooms)
+        if mapping is not None:  # on the model's grid: labels by nearest neighbour
+            seg = None if seg is None else mapping.to_target(seg, kind="label")
+            shape, affine = mapping.target_shape, mapping.target_affine
+            zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         regions = None
-        if case.seg is not None:
-            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(case.seg))))
+        if seg is not None:
+            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(seg))))
         marker = None
         if self.marker_info is not None and str(self.table.get(case.name, {}).get("shortcut", "0")) in (
                 "1", "True", "true"):
-            full = marker_mask(case.shape, case.meta.ras_affine, self.marker_info[0], self.marker_info[1])
+            full = marker_mask(shape, affine, self.marker_info[0], self.marker_info[1])
             marker = np.asarray(box.apply(full.astype(np.float32))) > 0.5
         if self.task == "classify":
             target = ClassTarget(None)
@@ -111,12 +119,13 @@ class CohortReader(_IndexedReader):
                         else torch.zeros(tuple(image.shape[1:]), dtype=torch.bool))  # no ground truth: skipped
             target = BratsRegionTarget(self.region, layout="regions",
                                        channels=tuple(self.region_channels or REGIONS), region=over)
-        return EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
+        return EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, zooms)
 
 
 def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
                  region: str = "WT", region_channels: Sequence[str] | None = None,
-                 limit: int | None = None, pool: str = "predicted") -> Iterator[EvalCase]:
+                 limit: int | None = None, pool: str = "predicted", spacing: float | Sequence[float] | None = None,
+                 orientation: str | None = None, modalities: Sequence[str] | None = None) -> Iterator[EvalCase]:
     """Yield :class:`EvalCase` objects, one per case, loaded lazily.
 
     Args:
@@ -128,8 +137,12 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
         pool: what the region's channel is averaged over: ``"predicted"`` (the voxels the
             model predicts as the region), ``"all"`` (every voxel, NeuroXAI) or ``"label"``
             (the case's ground truth of the region). An empty region skips the case.
+        spacing, orientation: the model's voxel grid; cases (and their masks, nearest
+            neighbour) are resampled to it first.
+        modalities: the input channels in the model's order (default t1, t1ce, t2, flair).
     """
-    yield from CohortReader(root, task, size, region, region_channels, pool=pool).first(limit)
+    yield from CohortReader(root, task, size, region, region_channels, pool=pool, spacing=spacing,
+                            orientation=orientation, modalities=modalities).first(limit)
 
 
 class ImageFolderReader(_IndexedReader):

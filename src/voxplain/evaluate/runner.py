@@ -167,9 +167,13 @@ def evaluate_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
                   options: Mapping[str, Mapping[str, Any]] | None = None, families: Sequence[str] = FAMILIES,
                   steps: int = 20, baseline="zero", pic_thresholds: Sequence[float] | None = None,
                   tolerance: float = 0.0, seed: int = 0, device=None, batch_size: int | None = None,
-                  memory_budget=None, progress: bool = False, method_objs=None) -> CaseMetrics:
-    """Explain one case with every method and score every map (all families but randomisation)."""
-    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
+                  memory_budget=None, progress: bool = False, method_objs=None,
+                  sliding_window=None) -> CaseMetrics:
+    """Explain one case with every method and score every map (all families but randomisation).
+
+    ``sliding_window`` applies a patch-trained model window by window (as :func:`voxplain.explain`).
+    """
+    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget, sliding_window=sliding_window)
     pic_kw = {} if pic_thresholds is None else {"thresholds": list(pic_thresholds)}
     method_objs = method_objs if method_objs is not None else create_methods(methods, options)
     x = case.image[None].float()
@@ -225,14 +229,14 @@ def evaluate_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
 def randomise_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
                    options: Mapping[str, Mapping[str, Any]] | None = None, random_logits: bool = False,
                    seed: int = 0, device=None, batch_size: int | None = None, memory_budget=None,
-                   check_target: Target | None = None) -> CaseRandomisation:
+                   check_target: Target | None = None, sliding_window=None) -> CaseRandomisation:
     """The sanity checks on one case: cascading model randomisation and, with ``random_logits``, the random-logit check.
 
     The randomised models explain the trained model's decision: ``check_target`` from
     :func:`evaluate_case` (a predicted region frozen to the trained model's mask); without
-    it, the case's target is frozen here (one more forward).
+    it, the case's target is frozen here (one more forward). ``sliding_window`` as :func:`evaluate_case`.
     """
-    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
+    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget, sliding_window=sliding_window)
     x = case.image[None].float()
     target = as_target(case.target)
     if check_target is None:
@@ -306,11 +310,14 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
                    families: Sequence[str] = FAMILIES, steps: int = 20, baseline="zero",
                    pic_thresholds: Sequence[float] | None = None, tolerance: float = 0.0,
                    randomisation_cases: int = 1, seed: int = 0, device=None, batch_size: int | None = None,
-                   memory_budget=None, progress: bool = False) -> EvaluationResult:
-    """Explain and score every case; see the module docstring. ``cases`` may be a lazy iterable."""
+                   memory_budget=None, progress: bool = False, sliding_window=None) -> EvaluationResult:
+    """Explain and score every case; see the module docstring. ``cases`` may be a lazy iterable.
+
+    ``sliding_window`` applies a patch-trained model window by window (as :func:`voxplain.explain`).
+    """
     check_families(families)
     methods = list(methods)
-    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
+    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget, sliding_window=sliding_window)
     method_objs = create_methods(methods, options)
     acc = MetricsAccumulator(methods)
     for case in cases:

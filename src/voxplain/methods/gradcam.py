@@ -4,6 +4,11 @@ Grad-CAM (Selvaraju et al. 2017) at a layer with output A (N, C, *s):
 alpha_c = mean over space of dF/dA_c, cam = ReLU(sum_c alpha_c A_c), upsampled
 to the input's spatial size by (bi/tri)linear interpolation, align_corners=False.
 Guided Grad-CAM multiplies guided backpropagation by that map, per input channel.
+
+Under sliding windows (a patch-trained model applied window by window) a layer's
+output exists per window only: the CAM is taken per window, with the exact
+gradient of the whole-volume score, upsampled to the window and blended over the
+volume with the windows' own weights (:mod:`voxplain.sliding_window`).
 """
 
 from __future__ import annotations
@@ -57,7 +62,9 @@ class _LayerOption:
         return [self.cam_layer(run)]
 
     def cam(self, run: "Run") -> Tensor:
-        """Upsampled Grad-CAM (N, 1, *spatial) for ``run``."""
+        """Upsampled Grad-CAM (N, 1, *spatial) for ``run`` (blended per-window CAMs under sliding windows)."""
+        if run.sliding_window is not None:
+            return run.layer_map(self.cam_layer(run))
         activation, gradient = run.layer_gradients(self.cam_layer(run))
         return upsample_cam(cam_from_gradients(activation, gradient), run.x.shape[2:])
 
@@ -65,9 +72,9 @@ class _LayerOption:
 def _resolve_cam_layer(run: "Run", layer: str | nn.Module | None) -> nn.Module:
     trace = run.trace()
     if layer is None:
-        return default_cam_layer(run.engine, run.x, trace)
+        return default_cam_layer(run.engine, run.trace_rows, trace)
     module = resolve_layer(run.model, layer)
-    check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+    check_cam_layer(trace, module, run.trace_rows, layer if isinstance(layer, str) else None)
     return module
 
 
@@ -126,14 +133,18 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
     Args:
         run: the input and target.
         layers: names or modules; default :func:`~voxplain.methods.layer_select.inspection_layers`.
-        upsample: resize every map to the input's spatial size (else keep the layer's).
+        upsample: resize every map to the input's spatial size (else keep the layer's); under
+            sliding windows the maps are blended over the volume, so always at its size.
 
     Returns:
         ``{layer name: map (N, 1, *spatial)}`` in execution order, on the run's device.
     """
+    if run.sliding_window is not None and not upsample:
+        raise ValueError("under sliding windows per-window CAMs are blended at the input's resolution; "
+                         "upsample=False is not available")
     trace = run.trace()
     if layers is None:
-        chosen = inspection_layers(run.engine, run.x, trace)
+        chosen = inspection_layers(run.engine, run.trace_rows, trace)
         if not chosen:
             raise ValueError(f"{type(run.model).__name__} has no convolution with a spatial output on input "
                              f"shape {tuple(run.x.shape)}; name a layer with a spatial output: `layers=[NAME]` "
@@ -143,7 +154,7 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
         chosen = []
         for layer in layers:
             module = resolve_layer(run.model, layer)
-            check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+            check_cam_layer(trace, module, run.trace_rows, layer if isinstance(layer, str) else None)
             chosen.append((layer if isinstance(layer, str) else names[module], module))
         order = {id(info.module): k for k, info in enumerate(trace)}
         chosen.sort(key=lambda pair: order[id(pair[1])])
@@ -152,6 +163,9 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
     out: dict[str, Tensor] = {}
     for name, module in chosen:
         i = modules.index(module)
+        if grads.layer_maps:  # sliding windows: blended per-window CAMs
+            out[name] = grads.layer_maps[i]
+            continue
         cam = cam_from_gradients(grads.activations[i], grads.layer_gradients[i])
         out[name] = upsample_cam(cam, run.x.shape[2:]) if upsample else cam
     return out
