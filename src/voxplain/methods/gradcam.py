@@ -113,6 +113,9 @@ class GuidedGradCAM(_LayerOption, Method):
         self.layer = layer
         self.activations = check_activations(activations)
 
+    def guided_input_gradient(self) -> str | None:
+        return self.activations
+
     def attribute(self, run: "Run") -> Attribution:
         result = Attribution(run.input_gradients(guided=self.activations) * self.cam(run))
         warn_unguided(result, run, self.activations, self.name)

@@ -232,6 +232,11 @@ class XRAI(Method):
     def shares_input_gradient(self) -> bool:
         return self.base is not None and self.base_attribution is None and self.base.shares_input_gradient()
 
+    def guided_input_gradient(self) -> str | None:
+        if self.base is None or self.base_attribution is not None:
+            return None
+        return self.base.guided_input_gradient()
+
     def options(self) -> dict[str, Any]:
         out = super().options()
         if self.segments is not None:
