@@ -435,6 +435,10 @@ class Run:
             self._input.trace = self.engine.trace(self.x)
         return self._input.trace
 
+    def has_trace(self) -> bool:
+        """True if the trace is at hand (costs no forward)."""
+        return self._input.trace is not None
+
     def resolved(self, key: Any, resolve: Callable[[], nn.Module]) -> nn.Module:
         """``resolve()``, computed once per input and ``key`` (e.g. a Grad-CAM layer option)."""
         if key not in self._input.layers:

@@ -58,16 +58,28 @@ class _LayerOption:
 
     def cam(self, run: "Run") -> Tensor:
         """Upsampled Grad-CAM (N, 1, *spatial) for ``run``."""
-        activation, gradient = run.layer_gradients(self.cam_layer(run))
+        module = self.cam_layer(run)
+        try:
+            activation, gradient = run.layer_gradients(module)
+        except RuntimeError:  # the layer did not run, or ran twice: say so as the trace does
+            self._check(run, module)
+            raise
+        if activation.ndim != run.x.ndim or all(s == 1 for s in activation.shape[2:]):
+            self._check(run, module)
         return upsample_cam(cam_from_gradients(activation, gradient), run.x.shape[2:])
+
+    def _check(self, run: "Run", module: nn.Module) -> None:
+        check_cam_layer(run.trace(), module, run.x, self.layer if isinstance(self.layer, str) else None)
 
 
 def _resolve_cam_layer(run: "Run", layer: str | nn.Module | None) -> nn.Module:
-    trace = run.trace()
     if layer is None:
-        return default_cam_layer(run.engine, run.x, trace)
+        return default_cam_layer(run.engine, run.x, run.trace())
+    # A given layer is checked against the pass that reads it (:meth:`_LayerOption.cam`), or
+    # against the trace when there is one already: no traced forward just to check it.
     module = resolve_layer(run.model, layer)
-    check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+    if run.has_trace():
+        check_cam_layer(run.trace(), module, run.x, layer if isinstance(layer, str) else None)
     return module
 
 
