@@ -176,6 +176,8 @@ class RecordedPass:
     outputs: dict[nn.Module, tuple[Tensor, object] | None]
     # (module, output, grad_fn) of every call of a guidable activation; None if not recorded for guided use
     activations: list[tuple[nn.Module, Tensor, object]] | None = None
+    # False when the graph starts at the first kept layer (no dF/dx can be taken)
+    input_gradient: bool = True
 
     def activation(self, layer: nn.Module) -> Tensor | None:
         """``layer``'s output in this pass, or None if it cannot serve a gradient request.
@@ -274,12 +276,13 @@ class Engine:
             self.layout.forget_model_format()
 
     @contextlib.contextmanager
-    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False) -> Iterator[LayerCapture]:
+    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False,
+               start_graph: bool = False) -> Iterator[LayerCapture]:
         types = guided_types(guided)
         if self.scripted and (layers or types):
             self._refuse_scripted("guided backpropagation" if types else "capturing a layer")
         hooks = HookSet()
-        capture = LayerCapture(layers)
+        capture = LayerCapture(layers, start_graph)
         try:
             if types:
                 GuidedReLU(self.model, types).install(hooks)
@@ -334,6 +337,17 @@ class Engine:
         """Whether running the model on one row just to size it could itself use too much memory."""
         return 4 * math.prod(row_shape) * _REAL_PROBE_FACTOR > self.memory_budget
 
+    def rows_per_chunk(self, row_shape: Sequence[int], backward: bool = True) -> int:
+        """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
+        on a CPU at most about 512 MiB of estimated working set (larger passes run slower per row there)."""
+        per_pass = self.rows_per_pass(row_shape, backward)
+        if self.batch_size is None and self.device.type == "cpu":
+            per_row = self._estimate_row_bytes(tuple(row_shape))
+            if not backward:
+                per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
+            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // per_row))
+        return per_pass
+
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass.
 
@@ -345,10 +359,7 @@ class Engine:
             yield slice(0, n_rows)
             return
         row_shape = tuple(row_shape)
-        per_pass = self.rows_per_pass(row_shape, backward)
-        if self.batch_size is None and self.device.type == "cpu":
-            # on a CPU, a pass whose working set spills far out of the caches is slower per row
-            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // self._estimate_row_bytes(row_shape)))
+        per_pass = self.rows_per_chunk(row_shape, backward)
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
         # costs nearly as much as a full one on CPU, and smaller passes are often faster per row.
         n_chunks = math.ceil(n_rows / per_pass)
@@ -484,7 +495,7 @@ class Engine:
         return Gradients.concat(parts)
 
     def record(self, x: Tensor, *, trace: bool = True, layers: Sequence[nn.Module] = (),
-               guided: bool = True) -> RecordedPass:
+               guided: bool = True, input_gradient: bool = True) -> RecordedPass:
         """One forward pass over ``x`` (which must fit one pass), kept with its graph.
 
         Args:
@@ -496,6 +507,8 @@ class Engine:
             layers: without the trace, the modules whose outputs are kept.
             guided: keep the outputs of the guidable activation modules, so that the pass
                 can also serve a guided backward.
+            input_gradient: without the trace and with ``layers``, False starts the graph at the
+                first of them to run (the pass then serves layer gradients only, and costs less).
         """
         self._require_prepared()
         if self.scripted:
@@ -505,8 +518,15 @@ class Engine:
         seen: list[LayerInfo] | None = [] if trace else None
         leaf_bytes = 0
 
+        start_graph = not input_gradient and not trace and bool(layers)
+
         def keep(module, inputs, output):
             is_tensor = isinstance(output, Tensor)
+            if start_graph and is_tensor and not output.requires_grad and module not in outputs:
+                # no kept layer lies upstream: the graph starts here; consumers get a copy
+                leaf = output.detach().requires_grad_(True)
+                outputs[module] = (leaf, None)
+                return leaf.clone()
             outputs[module] = (output, output.grad_fn) if is_tensor and module not in outputs else None
 
         def keep_activation(module, inputs, output):
@@ -539,7 +559,7 @@ class Engine:
                     for m in self.model.modules():
                         if isinstance(m, GUIDABLE):
                             hooks.add(m.register_forward_hook(keep_activation))
-            leaf = x.detach().to(self.device).requires_grad_(True)
+            leaf = x.detach().to(self.device).requires_grad_(not start_graph)
             with torch.enable_grad():
                 out = self._call_model(leaf)
         finally:
@@ -551,7 +571,7 @@ class Engine:
             # refuses a row that does not fit (measured by this very pass when traced); an untraced
             # small row under the default budget skips the estimate's own forward pass
             self.rows_per_pass(row_shape)
-        return RecordedPass(leaf, out, seen, outputs, activations)
+        return RecordedPass(leaf, out, seen, outputs, activations, input_gradient=not start_graph)
 
     def backward_recorded(self, recorded: RecordedPass, target: BoundTarget, sample_index: Tensor, *,
                           layers: Sequence[nn.Module] = (), guided: bool | str = False,
@@ -563,6 +583,8 @@ class Engine:
         The graph is freed by the backward pass: use a recorded pass once.
         """
         self._require_prepared()
+        if (input_gradient or guided) and not recorded.input_gradient:
+            return None
         acts = [recorded.activation(layer) for layer in layers]
         if any(a is None for a in acts):
             return None
@@ -581,12 +603,13 @@ class Engine:
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
                        layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
-        # The input always carries the graph: layer gradients need it even when dF/dx is not asked for.
-        x = x.detach().to(self.device).requires_grad_(True)
+        # Without dF/dx, the graph starts at the first captured layer: nothing before it is recorded.
+        layers_only = not input_gradient and bool(layers) and not guided
+        x = x.detach().to(self.device).requires_grad_(not layers_only)
         if not layers and not guided:  # nothing to hook: the plain pass (path methods) skips the hook set-up
             with torch.enable_grad():
                 return self._backward(x, self._call_model(x), [], target, sample_index, input_gradient)
-        with torch.enable_grad(), self._hooks(layers, guided) as capture:
+        with torch.enable_grad(), self._hooks(layers, guided, start_graph=layers_only) as capture:
             out = self._call_model(x)
             acts = capture.activations()
             return self._backward(x, out, acts, target, sample_index, input_gradient)

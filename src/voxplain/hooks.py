@@ -72,11 +72,17 @@ class LayerCapture:
     respect to them can be taken. The layer's consumers receive a clone: an
     in-place operation downstream (``ReLU(inplace=True)``) then cannot overwrite
     the recorded activation.
+
+    With ``start_graph`` (the input does not require grad), a layer whose output does not
+    yet require grad starts the autograd graph: its output is recorded as a leaf, so the
+    forward pass before it records nothing for backward, and the backward pass stops there.
+    Layers downstream of it stay in its graph; a layer on a parallel branch starts its own.
     """
 
-    def __init__(self, layers: Iterable[nn.Module]) -> None:
+    def __init__(self, layers: Iterable[nn.Module], start_graph: bool = False) -> None:
         self.layers = list(layers)
         self.outputs: dict[int, Tensor] = {}
+        self.start_graph = start_graph
 
     def install(self, hooks: HookSet) -> None:
         for i, layer in enumerate(self.layers):
@@ -94,6 +100,9 @@ class LayerCapture:
                     f"layer {type(module).__name__} ran twice in one forward pass; "
                     "choose a layer that is used once"
                 )
+            if self.start_graph and not output.requires_grad:
+                # no captured layer lies upstream: the graph starts here (a branch of its own)
+                output = output.detach().requires_grad_(True)
             self.outputs[i] = output
             return output.clone()
 

@@ -229,7 +229,8 @@ class Run:
             keep = everything or trace or bool(self._shared_input_gradient or self._shared_layers or self._shared_guided)
             state.output, state.first = _first_forward(
                 self.engine, self.x, keep, trace=trace or everything, layers=self._shared_layers,
-                guided=everything or (bool(self._shared_guided) and not self._shared_input_gradient))
+                guided=everything or (bool(self._shared_guided) and not self._shared_input_gradient),
+                input_gradient=everything or bool(self._shared_input_gradient or self._shared_guided))
             if state.first is not None and state.first.trace is not None:
                 state.trace = state.first.trace
         if self._target is None:
