@@ -415,6 +415,10 @@ def test_auto_steps_stop_at_the_cap_and_say_so():
                                {"integrated_gradients": {"steps": "auto", "tolerance": 1e-6, "max_steps": 8}})
     assert out.extras["integrated_gradients"]["steps_used"] == [8]
     assert out.options["integrated_gradients"]["steps"] == "auto"
+    from voxplain.report import methods_summary  # what summary.json says
+
+    summary = methods_summary(out)["integrated_gradients"]
+    assert summary["steps_used"] == [8] and summary["options"]["steps"] == "auto"
 
 
 def test_auto_steps_options_are_checked():
