@@ -117,6 +117,24 @@ def test_the_trial_keeps_the_faster_layout(monkeypatch, durations, expected):
         assert seen[4:] == [torch.channels_last] * 4
 
 
+def test_the_choice_is_remembered_for_the_model(monkeypatch):
+    # each explain() opens an engine: a later one on the same model must not measure again
+    model = classifier(dims=2)
+    with Engine(model) as engine:
+        monkeypatch.setattr(engine.layout, "_clock", _Clock([1.0, 1.2, 1.0, 0.5] + [1.0] * 10))
+        list(engine.layout.over(range(8), (2, 8, 8), True, 8, lambda _: 1))
+    with Engine(model) as again:
+        assert again.layout.chosen[((2, 8, 8), True)] is torch.channels_last
+        assert not again.layout.wants_trial((2, 8, 8), True, 1 << 40)
+        seen = [again.layout.chosen[((2, 8, 8), True)] for _ in again.layout.over(range(8), (2, 8, 8), True, 8,
+                                                                                   lambda _: 1)]
+        assert seen == [torch.channels_last] * 8  # no alternation: no trial
+    with Engine(classifier(dims=2)) as other:  # another model measures for itself
+        assert ((2, 8, 8), True) not in other.layout.chosen
+    with Engine(model, channels_last=False) as forced:  # a forced layout ignores what was measured
+        assert ((2, 8, 8), True) not in forced.layout.chosen
+
+
 def test_no_trial_on_short_work_or_without_convolutions():
     with Engine(classifier(dims=2)) as engine:
         assert list(engine.layout.over(range(3), (2, 8, 8), True, 3, lambda _: 1)) == [0, 1, 2]

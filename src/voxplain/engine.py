@@ -261,6 +261,7 @@ class Engine:
                         p.requires_grad_(False)
                 if any(dev != self.device for dev in state.devices):
                     self.model.to(self.device)
+                self.layout.attach()
             except BaseException:
                 state.restore()
                 self._state = None

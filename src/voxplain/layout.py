@@ -5,8 +5,11 @@ innermost (``torch.channels_last`` for 2D, ``torch.channels_last_3d`` for 3D). W
 given model, input shape and pass kind (forward only, or forward and backward) gains is
 measured, not assumed: the first passes of a long enough piece of work alternate the two
 layouts and time themselves, and the faster one (by a clear margin) is kept for that row
-shape and pass kind for the rest of the engine's life. The passes of a trial are real
-work: only the slower layout's share of the first few passes is lost.
+shape and pass kind. The passes of a trial are real work: only the slower layout's share
+of the first few passes is lost. The choice is remembered for the model (weakly: it goes
+with the model), its device, dtype and the thread count, so that later engines on the same
+model (each ``explain()`` call opens one) do not measure again. It decides speed only:
+maps are the same in either layout.
 
 The model's parameters are laid out to match the rows (and back as they came when the
 engine restores the model); maps come back in the input's layout.
@@ -15,6 +18,7 @@ engine restores the model); maps come back in the input's layout.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +41,10 @@ _TRIAL_MIN_SECONDS = 0.02
 _TRIAL_MIN_WORK_BYTES = 64 * 1024**2
 #: Channels-last is kept only if its pass takes at most this fraction of the other's time.
 _MARGIN = 0.9
+
+#: Choices measured per model: model -> {(device, dtype, threads): {(row shape, backward): format}}.
+#: Weak, so a model's entry goes with the model; it holds timing decisions only, never tensors.
+_CHOICES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def channels_last_format(row_ndim: int) -> torch.memory_format | None:
@@ -61,6 +69,21 @@ class Layout:
         self.timings: dict[tuple[tuple[int, ...], bool], dict[str, float]] = {}
         self._model_format: torch.memory_format | None = None
         self._trying: set[tuple[tuple[int, ...], bool]] = set()
+
+    def attach(self) -> None:
+        """Share the choices already measured on this model in the same setting (the engine's entry)."""
+        if self.channels_last is not None or self.engine._state is None:
+            return
+        floats = [t for t in self.engine._state.tensors if t.is_floating_point()]
+        setting = (str(self.engine.device), floats[0].dtype if floats else None, torch.get_num_threads())
+        try:
+            per_model = _CHOICES.setdefault(self.engine.model, {})
+        except TypeError:  # a model that cannot be weakly referenced: measure per engine
+            return
+        shared = per_model.setdefault(setting, {})
+        for key, fmt in self.chosen.items():  # what this engine chose before, in another setting or none
+            shared.setdefault(key, fmt)
+        self.chosen = shared
 
     # -- running in a layout -----------------------------------------------------
     def arrange(self, x: Tensor) -> Tensor:
