@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -241,6 +241,14 @@ class IntegratedGradients(Method):
             self.rule = check_rule(rule, self.steps)
         self.baseline = check_baseline(baseline)
         self.tolerance = check_tolerance(tolerance)
+
+    def options(self) -> dict[str, Any]:
+        """As given or defaulted; ``tolerance`` and ``max_steps`` only with ``steps="auto"`` (they act only then)."""
+        out = super().options()
+        if self.steps != "auto":
+            out.pop("tolerance", None)
+            out.pop("max_steps", None)
+        return out
 
     def attribute(self, run: "Run") -> Attribution:
         if self.steps == "auto":
