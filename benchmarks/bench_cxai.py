@@ -212,9 +212,12 @@ def bench_case(case: Case, args) -> list[dict]:
             row("xrai", (w, c), note=f"{extras['ranks'].max().item()} regions; PAIR XRAI is 2D only")
         if case.dims == 3 and "xrai" in only:
             w3, c3, _ = timed(lambda: ours(case, "xrai"))
-            row("xrai (defaults: base IG steps='auto')", (w3, c3),
-                note=f"issue 14: under {XRAI_3D_LIMIT_S:.0f} s end to end on 1x4x64^3: "
-                     + ("PASS" if w3 < XRAI_3D_LIMIT_S else "FAIL") + f" (this case: {case.name})")
+            goal = f"issue 14: under {XRAI_3D_LIMIT_S:.0f} s end to end on 1x4x64^3 (wall, idle machine): "
+            if tuple(case.x.shape[1:]) == (4, 64, 64, 64):
+                goal += "PASS" if w3 < XRAI_3D_LIMIT_S else "FAIL"
+            else:
+                goal += "not judged at this size"
+            row("xrai (defaults: base IG steps='auto')", (w3, c3), note=goal)
         if "xrai_regions" in only:
             # same base attribution (ours) and the same segments: the region part alone
             base = extras["base"]
