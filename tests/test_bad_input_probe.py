@@ -564,7 +564,8 @@ def _slow(tmp: Path) -> list[str]:
                         "    def forward(self, x):\n        time.sleep(0.05)\n"
                         "        return self.c(x).mean(dim=(2, 3))\ndef build():\n    return S()\n")
     write_png(tmp / "s.png")
-    return ["explain", "--model", model, "--input", str(tmp / "s.png"), "--methods", "integrated_gradients",
+    return ["explain", "--model", model, "--random-weights", "--input", str(tmp / "s.png"), "--methods",
+            "integrated_gradients",
             "--option", "integrated_gradients.steps=2000", "--option", "integrated_gradients.rule=riemann_middle",
             "--batch-size", "1", "--quiet", "--out", "o"]
 
@@ -643,7 +644,8 @@ _HEADS = ("class M(nn.Module):\n    def __init__(self):\n        super().__init_
 def _heads(returns: str, *extra: str):
     def run(tmp, m):
         model = module_file(tmp, "heads", _HEADS.replace("{RET}", returns))
-        return cli("explain", "--model", model, "--input", m["png"], *FAST, *extra, "--out", tmp / "o")
+        return cli("explain", "--model", model, "--random-weights", "--input", m["png"], *FAST, *extra,
+                   "--out", tmp / "o")
     return run
 
 
@@ -667,7 +669,7 @@ def _(tmp, m):
                         "        self.n = nn.BatchNorm2d(1).eval()\n        self.fc = nn.Linear(256, 2)\n"
                         "    def forward(self, x):\n        return self.fc(self.n(x).flatten(1))\n"
                         "def build():\n    return F()\n")
-    return cli("inspect", "--model", model, "--input", m["png"], "--quiet", "--out", tmp / "o")
+    return cli("inspect", "--model", model, "--random-weights", "--input", m["png"], "--quiet", "--out", tmp / "o")
 
 
 @probe("13.15", "inspect --layer that does not exist")

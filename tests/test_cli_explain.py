@@ -80,8 +80,8 @@ def test_probe_map_lines_up_with_an_lps_int16_scan(tmp_path, capsys):
     case = write_case(tmp_path / "data")
     out = tmp_path / "out"
     probe = f"{Path(__file__).resolve()}:build_probe"
-    code, _, err = _run(capsys, "explain", "--model", probe, "--input", str(case), "--task", "classify",
-                        "--target", "0", "--methods", "vanilla_gradient", "--out", str(out), "--quiet")
+    code, _, err = _run(capsys, "explain", "--model", probe, "--random-weights", "--input", str(case), "--task",
+                        "classify", "--target", "0", "--methods", "vanilla_gradient", "--out", str(out), "--quiet")
     assert code == 0, err
     img = nib.load(out / "maps" / "a_vanilla_gradient.nii.gz" if False else
                    next((out / "maps").glob("*vanilla_gradient.nii.gz")))

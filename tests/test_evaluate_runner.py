@@ -153,7 +153,8 @@ def test_cli_evaluate_on_a_checkpoint_and_image_folder(tmp_path):
         "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),"
         " nn.Flatten(), nn.Linear(4, 2))\n")
     out = tmp_path / "eval"
-    rc = main(["evaluate", "--model", f"{tmp_path / 'factory.py'}:make", "--data", str(tmp_path / "imgs"),
+    rc = main(["evaluate", "--model", f"{tmp_path / 'factory.py'}:make", "--random-weights", "--data",
+               str(tmp_path / "imgs"),
                "--size", "16,16", "--out", str(out), "--methods", "vanilla_gradient,gradcam", "--steps", "3",
                "--cases", "2", "--randomisation-cases", "0", "--quiet"])
     assert rc == 0

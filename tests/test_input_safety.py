@@ -189,7 +189,8 @@ def test_inspect_without_conv_layers_says_how_to_name_one(tmp_path, capsys):
         "    def forward(self, x):\n        return self.fc(self.scale(x).flatten(1))\n"
         "def build():\n    return M()\n")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-    args = ["inspect", "--model", f"{tmp_path / 'mlp.py'}:build", "--input", str(tmp_path / "x.png"), "--quiet"]
+    args = ["inspect", "--model", f"{tmp_path / 'mlp.py'}:build", "--random-weights", "--input",
+            str(tmp_path / "x.png"), "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--layer NAME" in err[0] and "`layers" in err[0]

@@ -105,7 +105,8 @@ def test_cli_refuses_absurd_steps_in_one_line(tmp_path, capsys):
 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     for rule in ("riemann_trapezoid", "gausslegendre"):
-        code = main(["explain", "--model", f"{tmp_path / 'net.py'}:build", "--input", str(tmp_path / "x.png"),
+        code = main(["explain", "--model", f"{tmp_path / 'net.py'}:build", "--random-weights", "--input",
+                     str(tmp_path / "x.png"),
                      "--methods", "integrated_gradients", "--option", "integrated_gradients.steps=1000000000",
                      "--option", f"integrated_gradients.rule={rule}", "--out", str(tmp_path / "out"), "--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
@@ -196,7 +197,8 @@ def test_cli_output_key(tmp_path, capsys):
         "    def forward(self, x):\n        f = self.conv(x)\n        return {'logits': f.mean(dim=(2, 3)), 'f': f}\n"
         "def build():\n    return M()\n")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-    args = ["explain", "--model", f"{tmp_path / 'heads.py'}:build", "--input", str(tmp_path / "x.png"),
+    args = ["explain", "--model", f"{tmp_path / 'heads.py'}:build", "--random-weights", "--input",
+            str(tmp_path / "x.png"),
             "--methods", "vanilla_gradient", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

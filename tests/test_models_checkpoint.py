@@ -71,7 +71,9 @@ def test_module_factory_with_weights_only(tmp_path):
         "from torch import nn\n"
         "def make():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))\n")
-    net = load_model(f"{tmp_path / 'my_net.py'}:make")
+    with pytest.raises(ValueError, match="random weights.*--weights.*--random-weights"):
+        load_model(f"{tmp_path / 'my_net.py'}:make")
+    net = load_model(f"{tmp_path / 'my_net.py'}:make", random_weights=True)
     torch.save(net.state_dict(), tmp_path / "lin.pt")
     assert torch.equal(load_model(f"{tmp_path / 'my_net.py'}:make", weights=tmp_path / "lin.pt")[1].weight,
                        net[1].weight)

@@ -240,7 +240,8 @@ def _slow_explain(tmp_path: Path, out: str) -> list[str]:
     (tmp_path / "slowmodel.py").write_text(SLOW_MODEL)
     png = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((12, 12)) * 255).astype(np.uint8)).save(png)
-    return ["explain", "--model", "slowmodel.py:build", "--input", str(png), "--methods", "integrated_gradients",
+    return ["explain", "--model", "slowmodel.py:build", "--random-weights", "--input", str(png), "--methods",
+            "integrated_gradients",
             "--option", "integrated_gradients.steps=2000", "--option", "integrated_gradients.rule=riemann_middle",
             "--batch-size", "1", "--quiet", "--out", out]
 

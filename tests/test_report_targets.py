@@ -141,6 +141,9 @@ def test_map_state_and_notes_give_reasons():
     assert "guided backprop factor is zero" in map_notes(study, "ET", "guided_gradcam")[0]
     assert map_notes(study, "ET", "integrated_gradients")[0].startswith("completeness error 20.0% (> 5%)")
     assert map_notes(study, "ET", "gradcam") == ["map is constant (1)"]
+    # the method's own completeness warning (with its likely cause) is not repeated by the generic note
+    info.warnings["integrated_gradients"] = ["integrated_gradients: completeness error 20.0% > 5% ...; likely cause: x"]
+    assert map_notes(study, "ET", "integrated_gradients") == info.warnings["integrated_gradients"]
 
 
 def test_short_layer_labels_follow_the_u_shape():

@@ -84,3 +84,14 @@ def linear(in_shape=(2, 6, 6), classes: int = 3, seed: int = 0) -> nn.Module:
     for s in in_shape:
         n *= s
     return nn.Sequential(nn.Flatten(), nn.Linear(n, classes))
+
+
+class FirstChannelSeg(nn.Module):
+    """A (B, K, *spatial) 'segmentation' that reads only input channel 0: its input gradient lives in channel 0."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(1.0, 2.0, classes).view(1, classes, 1, 1, 1))
+
+    def forward(self, x):
+        return x[:, :1] * self.weight

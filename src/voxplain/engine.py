@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from . import engine_windows
 from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, guided_types, has_guided_activations
 from .layout import Layout
 from .memory import MemoryBudgetError, available_bytes, format_bytes
 from .model_outputs import select_output
+from .sliding_window import SlidingWindow
 from .targets import BoundTarget
 
 __all__ = ["Engine", "Gradients", "RecordedPass", "ModelState", "LayerInfo", "parse_memory", "resolve_device"]
@@ -131,6 +133,9 @@ class Gradients:
     inputs: Tensor | None  # dF/dx, (N, C, *spatial)
     activations: list[Tensor] = field(default_factory=list)  # captured layer outputs
     layer_gradients: list[Tensor] = field(default_factory=list)  # dF/d(layer output)
+    # under sliding windows, instead of the two above: per captured layer, the blended
+    # per-window Grad-CAM (N, 1, *spatial) (see voxplain.sliding_window)
+    layer_maps: list[Tensor] = field(default_factory=list)
 
     @staticmethod
     def concat(parts: Sequence["Gradients"]) -> "Gradients":
@@ -142,6 +147,7 @@ class Gradients:
             inputs=None if first.inputs is None else torch.cat([p.inputs for p in parts]),
             activations=[torch.cat(t) for t in zip(*[p.activations for p in parts])],
             layer_gradients=[torch.cat(t) for t in zip(*[p.layer_gradients for p in parts])],
+            layer_maps=[torch.cat(t) for t in zip(*[p.layer_maps for p in parts])],
         )
 
 
@@ -219,6 +225,9 @@ class Engine:
         channels_last: run 2D/3D rows in the channels-last memory layout: ``None`` (default)
             where measured faster for the row shape (see :class:`~voxplain.layout.Layout`),
             ``True`` always, ``False`` never. Maps come back in the input's layout either way.
+        sliding_window: apply the model to whole volumes window by window, as MONAI's
+            ``sliding_window_inference`` does (:class:`~voxplain.sliding_window.SlidingWindow`);
+            every pass then goes through it (:mod:`voxplain.engine_windows`).
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
     prepares the model, leaving restores it. The engine keeps no passes between
@@ -229,7 +238,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
                  memory_budget: int | str | None = None, progress: bool = False, output_key=None,
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, sliding_window: SlidingWindow | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -244,8 +253,13 @@ class Engine:
         self.budget_given = memory_budget is not None
         self.output_key = output_key
         self.progress = progress
+        if sliding_window is not None and not isinstance(sliding_window, SlidingWindow):
+            raise TypeError(f"sliding_window must be a SlidingWindow, got {type(sliding_window).__name__}")
+        self.sliding_window = sliding_window
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
+        self._window_channels: dict[tuple[int, ...], int] = {}
+        self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
 
@@ -314,6 +328,8 @@ class Engine:
         """
         if self.batch_size is not None:
             return self.batch_size
+        if self.sliding_window is not None:
+            return engine_windows.rows_per_pass(self, row_shape, backward)
         per_row = self._estimate_row_bytes(tuple(row_shape))
         if not backward:
             per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
@@ -326,17 +342,28 @@ class Engine:
         pass_kind = "forward and backward pass" if backward else "forward pass"
         need = (f"one input row of shape {row_shape} needs about {format_bytes(per_row)} for a {pass_kind} "
                 "(estimated from the sizes of the model's layer outputs)")
-        advice = "crop or downsample the input, or use a machine with more memory"
+        self.refuse_over_budget(per_row, need, "crop or downsample the input, or use a machine with more memory")
+
+    def refuse_over_budget(self, need_bytes: int, need: str, advice: str) -> None:
+        """Raise :class:`~voxplain.memory.MemoryBudgetError` (``need``, then ``advice``) for a pass needing
+        ``need_bytes`` when a budget was given (it needs more), or else when the device has less free."""
         if self.budget_given:
             raise MemoryBudgetError(f"{need}, more than memory_budget={format_bytes(self.memory_budget)}; "
                                     f"raise memory_budget (--memory-budget) or {advice}")
         free = available_bytes(self.device)
-        if free is not None and per_row > free:
+        if free is not None and need_bytes > free:
             raise MemoryBudgetError(f"{need}, more than the {format_bytes(free)} free on {self.device}; {advice}")
 
     def _is_large_row(self, row_shape: Sequence[int]) -> bool:
         """Whether running the model on one row just to size it could itself use too much memory."""
         return 4 * math.prod(row_shape) * _REAL_PROBE_FACTOR > self.memory_budget
+
+    def _is_large_pass(self, row_shape: Sequence[int]) -> bool:
+        """Whether one row's pass must be sized (and may be refused) before it runs: a large row, or under a
+        sliding window a large window batch or padded row (the row itself may be smaller than one window)."""
+        if self.sliding_window is not None:
+            return engine_windows.is_large_pass(self, row_shape)
+        return self._is_large_row(row_shape)
 
     def rows_per_chunk(self, row_shape: Sequence[int], backward: bool = True) -> int:
         """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
@@ -355,7 +382,7 @@ class Engine:
         The first pieces of a long enough walk also choose the memory layout for the row
         shape (:meth:`Layout.over`); a walk of a few passes is then cut into a few more.
         """
-        if n_rows == 1 and (self.batch_size is not None or not self._is_large_row(row_shape)):
+        if n_rows == 1 and (self.batch_size is not None or not self._is_large_pass(row_shape)):
             # nothing to split and nothing to refuse: skip the size estimate (a forward pass of its own)
             yield slice(0, n_rows)
             return
@@ -378,7 +405,7 @@ class Engine:
         fit at all is refused here (:class:`~voxplain.memory.MemoryBudgetError`).
         """
         row = tuple(x.shape[1:])
-        if self.batch_size is None and self._is_large_row(row):
+        if self.batch_size is None and self._is_large_pass(row):
             self.rows_per_pass(row)
         return x.shape[0] == 1 or x.shape[0] <= self.rows_per_pass(row)
 
@@ -447,6 +474,8 @@ class Engine:
         own forward pass is then saved).
         """
         self._require_prepared()
+        if self.sliding_window is not None:
+            return engine_windows.forward(self, x)
         row_shape = tuple(x.shape[1:])
         if x.shape[0] == 1 and not self.scripted and self.batch_size is None and row_shape not in self._row_bytes:
             with torch.no_grad(), self._counting_leaf_outputs() as counted:
@@ -462,6 +491,8 @@ class Engine:
     def scores(self, x: Tensor, target: BoundTarget, sample_index: Tensor) -> Tensor:
         """Target scores (N,) of rows ``x`` (no gradient), chunked."""
         self._require_prepared()
+        if self.sliding_window is not None:
+            return engine_windows.scores(self, x, target, sample_index)
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
@@ -470,8 +501,11 @@ class Engine:
         return torch.cat(outs)
 
     def activations(self, x: Tensor, layers: Sequence[nn.Module]) -> list[Tensor]:
-        """The outputs of ``layers`` on rows ``x`` (no gradient, one pass)."""
+        """The outputs of ``layers`` on rows ``x`` (no gradient, one pass); under sliding windows, on the
+        central window of each row."""
         self._require_prepared()
+        if self.sliding_window is not None:
+            x = self.sliding_window.window(x.to(self.device))
         with torch.no_grad(), self._hooks(layers) as capture:
             self._call_model(x.to(self.device))
             return [a.detach() for a in capture.activations()]
@@ -489,8 +523,13 @@ class Engine:
             guided: guided backpropagation through the activation set named (see
                 :data:`voxplain.hooks.GUIDED_SETS`; ``True`` is the default set).
             input_gradient: also return dF/dx (False when only layers are needed).
+
+        Under sliding windows the captured layers come back as blended per-window
+        Grad-CAMs (``layer_maps``), not as activations and their gradients.
         """
         self._require_prepared()
+        if self.sliding_window is not None:
+            return engine_windows.gradients(self, x, target, sample_index, layers, guided, input_gradient)
         parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
@@ -514,6 +553,8 @@ class Engine:
         self._require_prepared()
         if self.scripted:
             self._refuse_scripted("recording a pass")
+        if self.sliding_window is not None:
+            raise ValueError("no recorded pass under sliding windows: its graph would span the whole volume")
         outputs: dict[nn.Module, tuple[Tensor, object] | None] = {}
         activations: list[tuple[nn.Module, Tensor, object]] | None = [] if guided else None
         seen: list[LayerInfo] | None = [] if trace else None
@@ -634,10 +675,13 @@ class Engine:
                          layer_gradients=grads[1:] if input_gradient else grads)
 
     def trace(self, x: Tensor) -> list[LayerInfo]:
-        """Modules in the order they run on ``x`` (one row), with their output shapes."""
+        """Modules in the order they run on ``x`` (one row), with their output shapes; under sliding
+        windows, on the central window of the first row (what the model sees)."""
         self._require_prepared()
         if self.scripted:
             self._refuse_scripted("tracing its layers")
+        if self.sliding_window is not None:
+            x = self.sliding_window.window(x[:1].to(self.device))
         names = {m: n for n, m in self.model.named_modules()}
         seen: list[LayerInfo] = []
 

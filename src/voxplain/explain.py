@@ -19,7 +19,8 @@ __all__ = ["explain", "explain_detailed", "gradcam_per_layer", "Explanation", "D
 def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | Method] | None = None,
                      options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
                      batch_size: int | None = None, memory_budget: int | str | None = None,
-                     seed: int = 0, progress: bool = False, output_key=None) -> Explanation:
+                     seed: int = 0, progress: bool = False, output_key=None,
+                     sliding_window=None) -> Explanation:
     """Like :func:`explain`, but also returns timings, options, extras, the output and the target.
 
     ``Explanation.extras[method]`` is a dict for every method: IG-type methods
@@ -29,14 +30,16 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
     """
     method_objs = create_methods(methods, options)
     with open_run(model, x, target, methods=method_objs, device=device, batch_size=batch_size,
-                  memory_budget=memory_budget, progress=progress, seed=seed, output_key=output_key) as run:
+                  memory_budget=memory_budget, progress=progress, seed=seed, output_key=output_key,
+                  sliding_window=sliding_window) as run:
         return run.explain(method_objs)
 
 
 def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | None = None,
             options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
             batch_size: int | None = None, memory_budget: int | str | None = None,
-            seed: int = 0, progress: bool = False, output_key=None) -> dict[str, Tensor]:
+            seed: int = 0, progress: bool = False, output_key=None,
+            sliding_window=None) -> dict[str, Tensor]:
     """Explain ``model``'s decision on ``x`` with several methods.
 
     Args:
@@ -57,18 +60,27 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
         progress: show progress bars.
         output_key: for a model that returns a tuple, list or dict, the index or key of
             the output tensor to explain (e.g. ``0`` or ``"logits"``).
+        sliding_window: apply a patch-trained model to the whole volume window by window,
+            exactly as MONAI's ``sliding_window_inference`` does, e.g.
+            ``{"roi_size": (96, 96, 96), "overlap": 0.5, "mode": "gaussian"}`` (keys: those of
+            :class:`~voxplain.sliding_window.SlidingWindow`) or a ``SlidingWindow``. The
+            target scores the stitched whole-volume output; every method explains that
+            score, computed one window batch at a time (memory bounded by one window
+            batch, not by the volume); Grad-CAM is the per-window CAM blended with the
+            windows' weights.
 
     Returns:
         ``{method name: map}``: CPU float32 maps of the input's shape
         ((B, 1, *spatial) for single-channel methods such as Grad-CAM).
     """
     return explain_detailed(model, x, target, methods, options, device, batch_size, memory_budget,
-                            seed, progress, output_key).maps
+                            seed, progress, output_key, sliding_window).maps
 
 
 def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | nn.Module] | None = None,
                       device=None, batch_size: int | None = None, memory_budget: int | str | None = None,
-                      upsample: bool = True, output_key=None) -> dict[str, Tensor]:
+                      upsample: bool = True, output_key=None,
+                      sliding_window=None) -> dict[str, Tensor]:
     """Grad-CAM at many layers in one forward/backward pass ("network inspection").
 
     Args:
@@ -80,11 +92,13 @@ def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | n
             (:func:`~voxplain.methods.layer_select.inspection_layers`).
         device, batch_size, memory_budget, output_key: as for :func:`explain`.
         upsample: resize every map to the input's spatial size (else keep the layer's).
+        sliding_window: as for :func:`explain` (the CAMs are then blended per-window CAMs).
 
     Returns:
         ``{layer name: CPU float32 map (B, 1, *spatial)}`` in execution order.
     """
     with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                  output_key=output_key) as run:
+                  output_key=output_key,
+                  sliding_window=sliding_window) as run:
         cams = layer_cams(run, layers, upsample=upsample)
     return {name: cam.detach().to("cpu", torch.float32) for name, cam in cams.items()}

@@ -39,6 +39,7 @@ from .hooks import guided_types
 from .memory import MemoryBudgetError
 from .methods.base import Attribution, Method
 from .model_outputs import ModelOutputError
+from .sliding_window import SlidingWindow, as_sliding_window
 from .targets import BoundTarget, Target, as_target
 
 __all__ = ["open_run", "Run", "RowChunk", "Explanation", "check_input", "as_batch_tensor", "seeded_generator"]
@@ -247,6 +248,19 @@ class Run:
         return self.engine.model
 
     @property
+    def sliding_window(self) -> SlidingWindow | None:
+        """How the model is applied to the whole volume, window by window (None: in one call)."""
+        return self.engine.sliding_window
+
+    @property
+    def trace_rows(self) -> Tensor:
+        """The rows the model's layers are traced on: ``x``, or under sliding windows the central
+        window of its first row (layer shapes, the default Grad-CAM layer)."""
+        if self.sliding_window is None:
+            return self.x
+        return self.sliding_window.window(self.x[:1])
+
+    @property
     def n_samples(self) -> int:
         """Number of original samples (the explained batch), also for derived rows."""
         root = self
@@ -319,8 +333,24 @@ class Run:
 
         From the shared plain pass when it captures the layer and is needed anyway
         (a method reads the plain input gradient); else from a pass whose backward
-        stops at the layer, as cheap as a layer gradient can be.
+        stops at the layer, as cheap as a layer gradient can be. Not under sliding
+        windows (a layer's output exists per window only): see :meth:`layer_map`.
         """
+        if self.sliding_window is not None:
+            raise ValueError("under sliding windows a layer's output exists per window only; read the blended "
+                             "per-window Grad-CAM with Run.layer_map")
+        grads, i = self._layer_pass(layer)
+        return grads.activations[i], grads.layer_gradients[i]
+
+    def layer_map(self, layer: nn.Module) -> Tensor:
+        """Under sliding windows: ``layer``'s Grad-CAM per window, blended over the volume as the outputs
+        are (N, 1, *spatial), computed once and shared like :meth:`layer_gradients`."""
+        if self.sliding_window is None:
+            raise ValueError("Run.layer_map is the sliding-window form of Run.layer_gradients")
+        grads, i = self._layer_pass(layer)
+        return grads.layer_maps[i]
+
+    def _layer_pass(self, layer: nn.Module) -> tuple[Gradients, int]:
         if any(layer is m for m in self._shared_layers) and (self._shared_input_gradient or
                                                               ("plain", ()) in self._passes):
             grads = self._pass_at_x(False)
@@ -330,14 +360,16 @@ class Run:
             if key not in self._passes:
                 self._passes[key] = self._compute_at_x(layers=[layer], guided=False, input_gradient=False)
             grads, i = self._passes[key], 0
-        return grads.activations[i], grads.layer_gradients[i]
+        return grads, i
 
     def gradients_at_layers(self, layers: Sequence[nn.Module]) -> Gradients:
-        """Outputs and output gradients of several layers at ``x`` from one pass stopping at them (not cached)."""
+        """Outputs and output gradients of several layers at ``x`` from one pass stopping at them (not cached);
+        under sliding windows their blended per-window Grad-CAMs (``layer_maps``)."""
         return self._compute_at_x(layers=list(layers), guided=False, input_gradient=False)
 
     def layer_outputs(self, layers: Sequence[nn.Module]) -> list[Tensor]:
-        """Outputs of ``layers`` at ``x``: read from the first pass while it is kept, else one forward."""
+        """Outputs of ``layers`` at ``x``: read from the first pass while it is kept, else one forward
+        (under sliding windows: on the central window of each row)."""
         first = self._input.first
         if first is not None:
             acts = [first.activation(layer) for layer in layers]
@@ -486,9 +518,10 @@ def _first_conv_channels(model: nn.Module) -> int | None:
 
 def _first_forward(engine: Engine, x: Tensor, keep: bool, **record) -> tuple[Tensor, RecordedPass | None]:
     """The model's output at ``x``; with ``keep``, recorded with its graph when ``x`` fits one pass
-    (``record``: what :meth:`Engine.record` keeps)."""
+    (``record``: what :meth:`Engine.record` keeps; never under sliding windows: the graph would
+    span the whole volume)."""
     try:
-        if keep and not engine.scripted and engine.fits_one_pass(x):
+        if keep and not engine.scripted and engine.sliding_window is None and engine.fits_one_pass(x):
             first = engine.record(x, **record)
             return first.output.detach(), first
         return engine.forward(x), None
@@ -499,6 +532,8 @@ def _first_forward(engine: Engine, x: Tensor, keep: bool, **record) -> tuple[Ten
         hint = ""
         if expected is not None and expected != x.shape[1]:
             hint = f" (its first convolution expects {expected} channel(s), the input has {x.shape[1]})"
+        elif engine.sliding_window is not None:
+            hint = f" through {engine.sliding_window!r}"
         raise ValueError(
             f"the model could not run on the input of shape {tuple(x.shape)}{hint}: "
             f"{type(err).__name__}: {err}"
@@ -514,7 +549,7 @@ def _bind(target, output: Tensor) -> BoundTarget:
 @contextlib.contextmanager
 def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | None = None, device=None,
              batch_size: int | None = None, memory_budget: int | str | None = None, progress: bool = False,
-             seed: int = 0, output_key=None) -> Iterator[Run]:
+             seed: int = 0, output_key=None, sliding_window: SlidingWindow | dict | None = None) -> Iterator[Run]:
     """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
 
     Args:
@@ -525,13 +560,15 @@ def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | No
         methods: the methods about to run, if known: declared before the first forward
             (:meth:`Run.share`), which then keeps only what they can take from it; without
             them it keeps everything (trace, every module's output, guided activations).
-        device, batch_size, memory_budget, progress, seed, output_key: as for :func:`voxplain.explain`.
+        device, batch_size, memory_budget, progress, seed, output_key,
+            sliding_window: as for :func:`voxplain.explain`.
     """
     x = check_input(x)
+    window = as_sliding_window(sliding_window)
     if not (callable(target) and not isinstance(target, Target)):
         target = as_target(target)
     with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                progress=progress, output_key=output_key) as engine:
+                progress=progress, output_key=output_key, sliding_window=window) as engine:
         run = Run(engine, x.to(engine.device), target, None, seed)
         try:
             if methods is not None:

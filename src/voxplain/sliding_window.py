@@ -58,9 +58,12 @@ from torch import Tensor, nn
 
 from .hooks import HookSet, LayerCapture
 
-__all__ = ["SlidingWindow", "WindowPlan", "SlidingGradients", "window_weight_map", "gradcam_window_map"]
+__all__ = ["SlidingWindow", "WindowPlan", "SlidingGradients", "window_weight_map", "gradcam_window_map",
+           "as_sliding_window", "SETTINGS"]
 
 _MODES = ("constant", "gaussian")
+#: the keyword arguments of :class:`SlidingWindow` (and of a ``sliding_window={...}`` dict)
+SETTINGS = ("roi_size", "overlap", "mode", "sigma_scale", "sw_batch_size", "padding_mode", "cval")
 _PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 ModelCall = Callable[[Tensor], Tensor]
@@ -97,6 +100,21 @@ def gradcam_window_map(activation: Tensor, gradient: Tensor, roi_size: tuple[int
     from .methods.gradcam import cam_from_gradients, upsample_cam
 
     return upsample_cam(cam_from_gradients(activation, gradient), roi_size)
+
+
+def as_sliding_window(spec) -> "SlidingWindow | None":
+    """``spec`` as a :class:`SlidingWindow`: None stays None, a SlidingWindow is taken as is, a dict
+    gives the keyword arguments (``{"roi_size": (96, 96, 96), "overlap": 0.5, "mode": "gaussian"}``)."""
+    if spec is None or isinstance(spec, SlidingWindow):
+        return spec
+    if not isinstance(spec, dict):
+        raise TypeError(f"sliding_window must be None, a SlidingWindow or a dict of its settings {SETTINGS}, "
+                        f"got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(SETTINGS))
+    if unknown or "roi_size" not in spec:
+        raise ValueError(f"sliding_window needs 'roi_size' and takes only {', '.join(SETTINGS)}; got "
+                         f"{', '.join(map(repr, spec)) or 'nothing'}")
+    return SlidingWindow(**spec)
 
 
 @dataclass(frozen=True)
@@ -202,6 +220,12 @@ class SlidingWindow:
         self.cval = float(cval)
         self._plans: dict[tuple, WindowPlan] = {}
 
+    def settings(self) -> dict:
+        """The settings as a JSON-friendly dict (the keyword arguments that rebuild it)."""
+        def plain(v):
+            return list(v) if isinstance(v, (tuple, list)) else v
+        return {k: plain(getattr(self, k)) for k in SETTINGS}
+
     def __repr__(self) -> str:
         return (f"SlidingWindow(roi_size={self.roi_size!r}, overlap={self.overlap!r}, mode={self.mode!r}, "
                 f"sigma_scale={self.sigma_scale!r}, sw_batch_size={self.sw_batch_size}, "
@@ -292,6 +316,12 @@ class SlidingWindow:
             affine_score: ``score_fn`` is affine in the output, so dF/dY is the same for
                 every output: one pass instead of two. Wrong results if it is not.
 
+        Windows whose backward seed ``w * crop_w(dF/dY / S)`` is zero everywhere (the
+        score does not read their output, e.g. a region score far from them) add
+        nothing to any gradient or layer map and are not run in the gradient pass.
+        With ``affine_score`` that makes ``output`` incomplete where the score does not
+        read it: it is then None (the scores are exact).
+
         Memory: the volume-sized buffers (input, its gradient, output, dF/dY) plus
         one model forward/backward on ``sw_batch_size`` windows.
         """
@@ -308,9 +338,25 @@ class SlidingWindow:
         dxp = torch.zeros_like(xp) if input_gradient else None
         maps: list[Tensor | None] = [None] * len(capture)
         stitched = None
+        skipped = False
         hooks = HookSet()
+        pairs = [(row, w) for row in range(n_rows) for w in range(len(plan.windows))]
+        position = 0
         try:
-            for batch in self._batches(n_rows, plan):
+            while position < len(pairs):
+                if upstream is None:  # affine score, first batch: dF/dY is known once the output's channels are
+                    batch = pairs[position:position + self.sw_batch_size]
+                    position += len(batch)
+                else:  # the next windows whose backward seed is not zero everywhere
+                    batch = []
+                    while position < len(pairs) and len(batch) < self.sw_batch_size:
+                        if self._influences(upstream, plan, pairs[position]):
+                            batch.append(pairs[position])
+                        else:
+                            skipped = True
+                        position += 1
+                    if not batch:
+                        break
                 windows = self._gather(xp, plan, batch).requires_grad_(True)
                 layers = LayerCapture(capture)
                 layers.install(hooks)
@@ -344,11 +390,40 @@ class SlidingWindow:
             y_stitched = stitched[(slice(None), slice(None)) + plan.crop]
             with torch.no_grad():
                 scores = score_fn(y_stitched).detach()
-        layer_maps = [(m / plan.weight_sum)[(slice(None), slice(None)) + plan.crop] for m in maps]
+            if skipped:  # complete only where the score reads it
+                y_stitched = None
+        # a layer no window reached (the score depends on no window) gets a zero map
+        layer_maps = [x.new_zeros((n_rows, 1) + plan.spatial_shape) if m is None
+                      else (m / plan.weight_sum)[(slice(None), slice(None)) + plan.crop] for m in maps]
         dx = self._unpad_gradient(x, dxp, plan) if input_gradient else None
         return SlidingGradients(scores=scores, output=y_stitched, inputs=dx, layer_maps=layer_maps)
 
+    def window(self, x: Tensor, index: int | None = None) -> Tensor:
+        """Window ``index`` of every row of ``x`` (N, C, *roi), padded as the model sees it; by default
+        the window whose centre is nearest the volume's centre (e.g. to trace layers or show activations)."""
+        self._check_input(x)
+        plan = self.plan(x.shape[2:], x.device, x.dtype)
+        if index is None:
+            index = self.central_window(x.shape[2:])
+        with torch.no_grad():
+            return self._pad(x, plan)[(slice(None), slice(None)) + plan.window_slices(index)]
+
+    def central_window(self, spatial_shape: Sequence[int]) -> int:
+        """Index of the window whose centre is nearest the centre of a volume of ``spatial_shape``."""
+        plan = self.plan(spatial_shape)
+        middle = [(n - 1) / 2 for n in plan.padded_shape]
+        return min(range(len(plan.windows)), key=lambda w: sum(
+            (s + (r - 1) / 2 - c) ** 2 for s, r, c in zip(plan.windows[w], plan.roi_size, middle)))
+
     # -- helpers -------------------------------------------------------------
+    @staticmethod
+    def _influences(upstream: Tensor, plan: WindowPlan, pair: tuple[int, int]) -> bool:
+        """Whether dF/dY of row ``pair[0]`` is non-zero anywhere in window ``pair[1]`` (unpadded grid)."""
+        row, w = pair
+        region = tuple(slice(max(start - off, 0), max(min(start - off + r, n), 0))
+                       for start, r, (off, _), n in zip(plan.windows[w], plan.roi_size, plan.pad, plan.spatial_shape))
+        return bool(upstream[(row, slice(None)) + region].any())
+
     @staticmethod
     def _gather(xp: Tensor, plan: WindowPlan, batch: list[tuple[int, int]]) -> Tensor:
         parts = [xp[(slice(row, row + 1), slice(None)) + plan.window_slices(w)] for row, w in batch]

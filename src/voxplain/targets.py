@@ -95,6 +95,13 @@ class BoundTarget(ABC):
         """A JSON-friendly description of what is explained."""
         return {"classes": self.classes.tolist()}
 
+    @property
+    def affine_in_output(self) -> bool:
+        """True if the score is affine in the model's output (e.g. a logit averaged over a fixed
+        region): its gradient with respect to the output is then the same for every output,
+        which lets a sliding-window gradient skip the stitching pass."""
+        return False
+
 
 class Target(ABC):
     """Chooses the scalar score F(x) that an explanation method differentiates."""
@@ -169,6 +176,10 @@ class _BoundClass(BoundTarget):
 
     def describe(self) -> dict:
         return {"kind": "class", "classes": self.classes.tolist(), "output": self.output}
+
+    @property
+    def affine_in_output(self) -> bool:
+        return self.output == "logit"
 
 
 # ---------------------------------------------------------------------------
@@ -302,6 +313,10 @@ class _BoundSegmentation(BoundTarget):
                 "region": None if self.mask is None else "mask",
                 "region_voxels": None if self.mask is None else self.mask.flatten(1).sum(1).tolist()}
 
+    @property
+    def affine_in_output(self) -> bool:
+        return self.output == "logit"
+
 
 class BratsRegionTarget(_RegionMaskMixin, Target):
     """A BraTS evaluation region (ET, TC or WT) of a segmentation model.
@@ -396,6 +411,10 @@ class _BoundBratsRegion(BoundTarget):
     def describe(self) -> dict:
         return {"kind": "brats_region", "region_name": self.name, "layout": self.layout,
                 "channels": list(self.members), "output": self.output}
+
+    @property
+    def affine_in_output(self) -> bool:
+        return self.layout == "regions" and self.output == "logit"
 
 
 def freeze_region(target: Target, output: Tensor) -> Target:

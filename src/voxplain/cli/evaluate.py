@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import UserError
 from ..evaluate.cohort import POOLS
-from ._common import MODEL_HELP, parse_options
+from ._common import MODEL_HELP, add_grid_arguments, grid_options, parse_options
 
 POOL_WORDS = {"predicted": "its predicted voxels", "all": "all voxels", "label": "its ground-truth voxels"}
 
@@ -28,8 +28,11 @@ metrics.csv, metrics_per_case.csv, curves.json/png, randomisation.json/png and
 report.html (a self-contained method x metric table with the plots).
 
 --model is a voxplain checkpoint folder (from `voxplain train`), a shipped model
-(demo-unet, demo-grade, demo-slices), 'module:factory' (+ --weights) or a
-TorchScript file (which carries code: trusted files only). --data is a BraTS / phantom cohort folder
+(demo-unet, demo-grade, demo-slices), a MONAI bundle folder, 'module:factory'
+(+ --weights) or a TorchScript file (bundles and TorchScript carry code: trusted
+files only). Cohort cases (and their masks, nearest neighbour) are resampled to
+the voxel spacing the model records (or --spacing) before they are cropped.
+--data is a BraTS / phantom cohort folder
 (grade classifier or region U-Net) or a 2D image folder (no masks: faithfulness,
 PIC, complexity, randomisation only). --demo needs neither: it trains a small 2D
 CNN on a synthetic task with a known target and a shortcut marker (a few minutes
@@ -52,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain evaluate`."""
     parser.add_argument("--model", metavar="SPEC", help=MODEL_HELP)
     parser.add_argument("--weights", metavar="FILE", help="state_dict for a 'module:factory' model")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="allow 'module:factory' without --weights (evaluate the untrained network on purpose)")
     parser.add_argument("--allow-unsafe-pickle", action="store_true",
                         help="allow loading a fully pickled model file (runs code from the file)")
     parser.add_argument("--data", metavar="DIR", help="cohort folder or 2D image folder")
@@ -84,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, metavar="N", help="rows per forward/backward pass")
     parser.add_argument("--memory-budget", metavar="SIZE", help="memory per pass, e.g. 2GB (default 2GB)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_grid_arguments(parser, pad_multiple=False)
 
 
 def _split(text: str) -> list[str]:
@@ -100,7 +106,7 @@ def _size(text: str | None):
 
 
 def _load(args):
-    """(model, cases iterable, number of cases, title) for the chosen input."""
+    """(model, cases iterable, number of cases, title, sliding window) for the chosen input."""
     from ..evaluate.cohort import cohort_cases, count_cohort_cases, image_folder_cases
 
     if args.demo:
@@ -114,16 +120,27 @@ def _load(args):
         if not args.quiet:
             print(f"demo: held-out accuracy {acc:.2f}", file=sys.stderr)
         cases = demo_cases(args.cases or 20, seed=args.seed)
-        return model, cases, len(cases), f"voxplain evaluation: demo (accuracy {acc:.2f})"
+        return model, cases, len(cases), f"voxplain evaluation: demo (accuracy {acc:.2f})", None
     if not args.model or not args.data:
         raise UserError("give --model and --data (or --demo)")
-    from ..models.checkpoint import is_checkpoint_path, load_model, read_checkpoint_config, resolve_model_spec
+    from ..report.pipeline import load_model_spec, model_grid
+    from ..report.preparation import canonical_channel
 
-    model = load_model(args.model, args.weights, allow_unsafe_pickle=args.allow_unsafe_pickle)
-    config = {}
-    path = Path(resolve_model_spec(args.model))
-    if is_checkpoint_path(path):
-        config = read_checkpoint_config(path)
+    loaded = load_model_spec(args.model, args.weights, args.allow_unsafe_pickle, args.random_weights)
+    model, config, path = loaded.model, loaded.config, Path(args.model)
+    options = grid_options(args)
+    grid = model_grid(config, loaded.bundle, options["spacing"], None, options["sliding_window"])
+    step = grid.normalisation
+    if step is not None and not (step.name == "NormalizeIntensity" and step.args.get("nonzero")
+                                 and step.args.get("channel_wise")):
+        raise UserError(f"evaluate z-scores cohort cases per modality over the brain; the bundle normalises with "
+                        f"{step.name}({step.args}) instead; explain its cases one by one with `voxplain explain`")
+    modalities = None
+    if grid.channel_names is not None:
+        modalities = [canonical_channel(c) for c in grid.channel_names]
+        if None in modalities:
+            raise UserError(f"cannot tell which BraTS modality each input channel of {args.model} is "
+                            f"({', '.join(grid.channel_names)})")
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"data folder {data} not found")
@@ -136,14 +153,15 @@ def _load(args):
         if args.cases:
             n = min(n, args.cases)
         cases = cohort_cases(data, task, size, region=args.region,
-                             region_channels=config.get("region_names"), limit=n, pool=args.pool)
+                             region_channels=config.get("region_names"), limit=n, pool=args.pool,
+                             spacing=grid.spacing, orientation=grid.orientation, modalities=modalities)
         what = f"{args.region}, mean over {POOL_WORDS[args.pool]}" if task == "segment" else task
-        return model, cases, n, f"voxplain evaluation: {path.name} on {data.name} ({what})"
+        return model, cases, n, f"voxplain evaluation: {path.name} on {data.name} ({what})", grid.sliding_window
     channels = len(config.get("channel_names") or ["grey"])
     cases = list(image_folder_cases(data, size=size or (64, 64), channels=channels, limit=args.cases))
     if not cases:
         raise UserError(f"{data} holds neither BraTS case folders nor images")
-    return model, cases, len(cases), f"voxplain evaluation: {path.name} on {data.name}"
+    return model, cases, len(cases), f"voxplain evaluation: {path.name} on {data.name}", grid.sliding_window
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--cases must be >= 1, got {args.cases}")
     options = parse_options(args.option)
     check_replaceable(args.out, "evaluate")  # before hours of work, not only when writing
-    model, cases, n, title = _load(args)
+    model, cases, n, title, window = _load(args)
     if n == 0:
         raise UserError("no cases to evaluate")
     from tqdm.auto import tqdm
@@ -174,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_cases(model, cases, methods, options, families=families, steps=args.steps,
                             baseline=args.baseline, tolerance=args.tolerance,
                             randomisation_cases=args.randomisation_cases, seed=args.seed, device=args.device,
-                            batch_size=args.batch_size, memory_budget=args.memory_budget)
+                            batch_size=args.batch_size, memory_budget=args.memory_budget, sliding_window=window)
     out = write_evaluation(result, args.out, title=title)
     if not args.quiet:
         summary = result.summary()

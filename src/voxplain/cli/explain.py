@@ -6,8 +6,8 @@ import argparse
 
 from ..methods.registry import DEFAULT_METHODS
 from . import UserError
-from ._common import (add_model_input_arguments, add_region_argument, add_run_arguments, command_line, parse_methods,
-                      parse_options)
+from ._common import (add_grid_arguments, add_model_input_arguments, add_region_argument, add_run_arguments,
+                      command_line, grid_options, parse_methods, parse_options)
 
 HELP = "explain a model's decision on a scan or image: NIfTI maps, figures, summary.json, report.html"
 DESCRIPTION = """\
@@ -24,14 +24,23 @@ Segmentation channels are explained by their output averaged over the voxels the
 model predicts as that class (--region predicted, the default); --region all is
 NeuroXAI's whole-volume average, --region label the case's ground truth. A class
 the model does not predict at all is skipped, and the report says so.
-Volumes are z-scored per modality over non-zero voxels and cropped/padded as the
-checkpoint says (or padded to the size the network needs); maps are put back on
-the scan's grid.
+Volumes are brought to the model: channels in its order (bundles), resampled to
+the voxel spacing and orientation it was trained at (config.json, the bundle, or
+--spacing), z-scored per modality over non-zero voxels (or the bundle's own
+normalisation), cropped/padded as the checkpoint says or padded to the size
+multiple the network needs (--pad-multiple forces it). Maps are put back on the
+scan's own grid and affine: linear interpolation for maps, nearest neighbour for
+label maps. --roi applies a patch-trained model by sliding windows exactly as
+MONAI's sliding_window_inference does; every method explains the score of the
+stitched whole-volume output, one window batch at a time.
+A MONAI bundle folder is code (its configs import and run Python, like
+TorchScript and module:factory): load only bundles you trust.
 
 --model demo-grade, demo-unet and demo-slices are the small models shipped with
 voxplain (trained on synthetic phantoms); a local folder of the same name wins.
-'module:factory' imports Python code and a TorchScript file carries code that
-runs: load those only from sources you trust."""
+'module:factory' imports Python code; a TorchScript file and a MONAI bundle
+folder carry code that runs (a bundle's configs import and run Python): load
+those only from sources you trust."""
 EXAMPLES = """\
 examples:
   voxplain explain --model demo-grade --input BraTS20_001 --task classify --out out/grade
@@ -39,7 +48,11 @@ examples:
       --methods vanilla_gradient,integrated_gradients,gradcam --option integrated_gradients.steps=16 --out out/seg
   voxplain explain --model models/demo-unet --input BraTS20_001 --target WT --region all --out out/seg-global
   voxplain explain --model mynet.py:build --weights mynet.pt --input t1.nii.gz t2.nii.gz --out out/mine
-  voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice"""
+  voxplain explain --model slice_cnn.ts --input slice.png --methods xrai,blur_ig --out out/slice
+  voxplain explain --model brats_mri_segmentation --input BraTS2021_00000 --target "Whole tumor" \
+      --methods vanilla_gradient,gradcam --out out/bundle          # a MONAI bundle: its inferer, its preprocessing
+  voxplain explain --model monai.networks.nets:SegResNet --weights segresnet.pt --input case/ --task segment \
+      --roi 96,96,96 --overlap 0.5 --spacing 1 --out out/patches"""
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `voxplain explain`."""
@@ -49,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                         help="a method option, repeatable, e.g. guided_ig.steps=50")
     add_region_argument(parser)
+    add_grid_arguments(parser)
     add_run_arguments(parser)
 
 
@@ -63,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                       device=args.device, seed=args.seed, progress=not args.quiet, batch_size=args.batch_size,
                       memory_budget=args.memory_budget, region=args.region,
                       allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
-                      output_key=args.output_key, channels_from_4d=args.channels_from_4d)
+                      output_key=args.output_key, channels_from_4d=args.channels_from_4d,
+                      random_weights=args.random_weights, **grid_options(args))
     if not args.quiet:
         index = out / "index.html" if (out / "index.html").exists() else out / "report.html"
         print(f"wrote {out}/ (open {index})")
@@ -71,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _task_of(model: str) -> str:
-    """The checkpoint's task, else classify."""
+    """The checkpoint's task (segment for a MONAI bundle), else classify."""
+    from ..models.bundle import is_bundle_folder
     from ..models.checkpoint import is_checkpoint_path, read_checkpoint_config, resolve_model_spec
 
     path = resolve_model_spec(model)
+    if is_bundle_folder(path):
+        return "segment"
     if is_checkpoint_path(path):
         try:
             return read_checkpoint_config(path).get("task", "classify")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_model_input_arguments, add_region_argument, add_run_arguments, command_line
+from ._common import (add_grid_arguments, add_model_input_arguments, add_region_argument, add_run_arguments,
+                      command_line, grid_options)
 from .explain import _task_of
 
 HELP = "network inspection: Grad-CAM at every conv layer in network order, activations of one layer"
@@ -16,7 +17,10 @@ Layers are labelled by where they sit (enc 1 ... bottleneck ... dec 1 ... head,
 from execution order and resolution); summary.json has each full module path.
 Segmentation targets are pooled over --region (default: the predicted voxels).
 Writes figures/inspection_*.png, figures/filters_*.png, NIfTI maps of the first,
-middle and last layer's CAM (volumes), summary.json and report.html to --out."""
+middle and last layer's CAM (volumes), summary.json and report.html to --out.
+The scan is brought to the model as for `voxplain explain` (channels, spacing,
+normalisation, size); with --roi (or a bundle's inferer) the CAMs are per-window
+CAMs blended over the volume, and the filters are shown on the central window."""
 EXAMPLES = """\
 examples:
   voxplain inspect --model demo-unet --input BraTS20_001 --task segment --target WT --out out/inspect
@@ -29,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", metavar="NAME",
                         help="layer (name from model.named_modules()) whose filters to show (default: a middle one)")
     add_region_argument(parser)
+    add_grid_arguments(parser)
     add_run_arguments(parser)
 
 
@@ -40,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
                       layer=args.layer, weights=args.weights, device=args.device,
                       allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels, command=command_line(),
                       batch_size=args.batch_size, memory_budget=args.memory_budget, output_key=args.output_key,
-                      region=args.region, channels_from_4d=args.channels_from_4d)
+                      region=args.region, channels_from_4d=args.channels_from_4d,
+                      random_weights=args.random_weights, **grid_options(args))
     if not args.quiet:
         print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0

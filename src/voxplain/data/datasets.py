@@ -55,11 +55,15 @@ class BratsCohortDataset(Dataset):
 
     ``size`` None crops to :func:`default_crop_size` of the cases' voxel size;
     pass the grid's own shape to keep it whole. With ``cache`` (default) loaded
-    items stay in memory (about 14 MB per case at 2 mm).
+    items stay in memory (about 14 MB per case at 2 mm). ``spacing`` (mm) and
+    ``orientation`` (e.g. ``"RAS"``) resample every case first (a model's training
+    grid; :func:`voxplain.data.resample.resample_to_spacing`: images linear,
+    segmentations nearest neighbour); :meth:`mapping` gives the way back.
     """
 
     def __init__(self, root: str | os.PathLike, task: str = "grade", size: Sequence[int] | None = None,
-                 modalities: Sequence[str] = MODALITIES, cache: bool = True):
+                 modalities: Sequence[str] = MODALITIES, cache: bool = True,
+                 spacing: float | Sequence[float] | None = None, orientation: str | None = None):
         if task not in _TASKS:
             raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
         self.root, self.task, self.modalities = Path(root), task, tuple(modalities)
@@ -82,6 +86,7 @@ class BratsCohortDataset(Dataset):
         self.names = [c.name for c in cases]
         self.groups = list(range(len(cases)))
         self.size = None if size is None else tuple(int(n) for n in size)
+        self.spacing, self.orientation = spacing, orientation
         self.class_names = list(GRADE_CLASSES if task == "grade" else TUMOUR_CLASSES) if task != "segment" else None
         self.region_names = list(REGIONS)
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, CropBox]] | None = {} if cache else None
@@ -96,23 +101,39 @@ class BratsCohortDataset(Dataset):
         return load_brats_case(self.cases[index], self.modalities, require_seg=self.task != "grade")
 
     def crop_box(self, index: int) -> CropBox:
-        """How item ``index`` was cut from its case (``restore`` puts a map back on the case's grid)."""
+        """How item ``index`` was cut from its case (``restore`` puts a map back on the case's (resampled) grid)."""
         return self._load(index)[2]
+
+    def mapping(self, index: int):
+        """The :class:`~voxplain.data.resample.GridMapping` from item ``index``'s case to its resampled grid,
+        or None when the case is used on its own grid."""
+        return self._load(index)[3]
 
     def _load(self, index: int):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         case = self.case(index)
-        size = self.size or default_crop_size(_voxel_size(case))
-        image, box = crop_or_pad(zscore_nonzero(case.image), size, centre=foreground_centre(case.image),
-                                 return_box=True)
+        raw, seg, mapping, voxel = case.image, case.seg, None, _voxel_size(case)
+        if self.spacing is not None or self.orientation is not None:
+            from .resample import resample_to_spacing
+
+            resampled, affine, mapping = resample_to_spacing(raw, case.meta.ras_affine, self.spacing,
+                                                             self.orientation, kind="map")
+            if mapping.is_identity:
+                mapping = None
+            else:
+                raw = resampled
+                seg = None if seg is None else mapping.to_target(seg, kind="label")
+                voxel = float(np.mean(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
+        size = self.size or default_crop_size(voxel)
+        image, box = crop_or_pad(zscore_nonzero(raw), size, centre=foreground_centre(raw), return_box=True)
         if self.task == "grade":
             target = torch.tensor(self.labels[index], dtype=torch.int64)
         elif self.task == "tumour":
-            target = torch.tensor(int((case.seg > 0).any()), dtype=torch.int64)
+            target = torch.tensor(int((seg > 0).any()), dtype=torch.int64)
         else:
-            target = torch.from_numpy(labels_to_regions(box.apply(case.seg)))
-        item = (torch.from_numpy(np.ascontiguousarray(image)), target, box)
+            target = torch.from_numpy(labels_to_regions(box.apply(seg)))
+        item = (torch.from_numpy(np.ascontiguousarray(image)), target, box, mapping)
         if self._cache is not None:
             self._cache[index] = item
         return item
@@ -120,7 +141,7 @@ class BratsCohortDataset(Dataset):
     def __getitem__(self, index: int):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cases")
-        image, target, _ = self._load(index % len(self))
+        image, target = self._load(index % len(self))[:2]
         return image, target
 
 

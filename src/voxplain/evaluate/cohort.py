@@ -28,11 +28,13 @@ __all__ = ["cohort_cases", "image_folder_cases", "count_cohort_cases", "POOLS"]
 POOLS = ("predicted", "all", "label")
 
 
-def _dataset(root, task: str, size):
+def _dataset(root, task: str, size, spacing=None, orientation=None, modalities=None):
+    from ..data.brats import MODALITIES
     from ..data.datasets import BratsCohortDataset
 
     return BratsCohortDataset(root, task="grade" if task == "classify" else "segment",
-                              size=None if size is None else tuple(size))
+                              size=None if size is None else tuple(size), spacing=spacing, orientation=orientation,
+                              modalities=tuple(modalities or MODALITIES))
 
 
 def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None) -> int:
@@ -42,7 +44,8 @@ def count_cohort_cases(root: str | os.PathLike, task: str = "classify", size: Se
 
 def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence[int] | None = None,
                  region: str = "WT", region_channels: Sequence[str] | None = None,
-                 limit: int | None = None, pool: str = "predicted") -> Iterator[EvalCase]:
+                 limit: int | None = None, pool: str = "predicted", spacing: float | Sequence[float] | None = None,
+                 orientation: str | None = None, modalities: Sequence[str] | None = None) -> Iterator[EvalCase]:
     """Yield :class:`EvalCase` objects, one per case, loaded lazily.
 
     Args:
@@ -54,6 +57,9 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
         pool: what the region's channel is averaged over: ``"predicted"`` (the voxels the
             model predicts as the region), ``"all"`` (every voxel, NeuroXAI) or ``"label"``
             (the case's ground truth of the region). An empty region skips the case.
+        spacing, orientation: the model's voxel grid; cases (and their masks, nearest
+            neighbour) are resampled to it first.
+        modalities: the input channels in the model's order (default t1, t1ce, t2, flair).
     """
     from ..data.brats import read_subjects_table
     from ..data.preprocess import REGIONS, labels_to_regions
@@ -62,20 +68,25 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
         raise ValueError(f"task must be 'classify' or 'segment', got {task!r}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    ds = _dataset(root, task, size)
+    ds = _dataset(root, task, size, spacing, orientation, modalities)
     marker_info = cohort_marker(root)
     table = read_subjects_table(root) if marker_info is not None else {}
     n = len(ds) if limit is None else min(limit, len(ds))
     for i in range(n):
         image, _ = ds[i]
         case = ds.case(i)
-        box = ds.crop_box(i)
+        box, mapping = ds.crop_box(i), ds.mapping(i)
+        seg, shape, affine, zooms = case.seg, case.shape, case.meta.ras_affine, tuple(case.meta.zooms)
+        if mapping is not None:  # on the model's grid: labels by nearest neighbour
+            seg = None if seg is None else mapping.to_target(seg, kind="label")
+            shape, affine = mapping.target_shape, mapping.target_affine
+            zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         regions = None
-        if case.seg is not None:
-            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(case.seg))))
+        if seg is not None:
+            regions = torch.from_numpy(np.ascontiguousarray(labels_to_regions(box.apply(seg))))
         marker = None
         if marker_info is not None and str(table.get(case.name, {}).get("shortcut", "0")) in ("1", "True", "true"):
-            full = marker_mask(case.shape, case.meta.ras_affine, marker_info[0], marker_info[1])
+            full = marker_mask(shape, affine, marker_info[0], marker_info[1])
             marker = np.asarray(box.apply(full.astype(np.float32))) > 0.5
         if task == "classify":
             target = ClassTarget(None)
@@ -86,7 +97,7 @@ def cohort_cases(root: str | os.PathLike, task: str = "classify", size: Sequence
                         else torch.zeros(tuple(image.shape[1:]), dtype=torch.bool))  # no ground truth: skipped
             target = BratsRegionTarget(region, layout="regions", channels=tuple(region_channels or REGIONS),
                                        region=over)
-        yield EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, tuple(case.meta.zooms))
+        yield EvalCase(case.name, image, target, regions, tuple(REGIONS), marker, zooms)
 
 
 def image_folder_cases(root: str | os.PathLike, size: Sequence[int] = (64, 64), channels: int = 1,

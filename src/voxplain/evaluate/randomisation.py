@@ -90,9 +90,13 @@ def map_similarity(reference, other) -> dict[str, np.ndarray]:
     return out
 
 
-def randomisable_layers(model: nn.Module, x: Tensor, include_norm: bool = True) -> list[tuple[str, nn.Module]]:
-    """Modules with their own parameters, in the order they run on ``x`` (first run counts)."""
-    with Engine(model) as engine:
+def randomisable_layers(model: nn.Module, x: Tensor, include_norm: bool = True,
+                        sliding_window=None) -> list[tuple[str, nn.Module]]:
+    """Modules with their own parameters, in the order they run on ``x`` (first run counts; on one window
+    under ``sliding_window``)."""
+    from ..sliding_window import as_sliding_window
+
+    with Engine(model, sliding_window=as_sliding_window(sliding_window)) as engine:
         trace = engine.trace(x.to(engine.device))
     seen, out = set(), []
     for info in trace:
@@ -125,10 +129,12 @@ def _reinitialise(module: nn.Module, seed: int) -> None:
                     p.copy_(torch.randn(p.shape) * 0.02)
 
 
-def _fixed_target(model: nn.Module, x: Tensor, target, device, batch_size, memory_budget) -> Target:
+def _fixed_target(model: nn.Module, x: Tensor, target, device, batch_size, memory_budget,
+                  sliding_window=None) -> Target:
     tgt = as_target(target)
     if isinstance(tgt, ClassTarget) and tgt.index is None:
-        with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget) as run:
+        with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                      sliding_window=sliding_window) as run:
             classes = run.target.classes.clone()
         return ClassTarget(classes, output=tgt.output, activation=tgt.activation)
     return tgt
@@ -157,7 +163,7 @@ def cascading_randomisation(model: nn.Module, x, methods: Sequence[str], target=
                             layers: Sequence[str] | None = None, include_norm: bool = True,
                             seed: int = 0, keep_maps: bool = False, device=None,
                             batch_size: int | None = None, memory_budget=None,
-                            progress: bool = False) -> CascadingResult:
+                            progress: bool = False, sliding_window=None) -> CascadingResult:
     """Cascading model-parameter randomisation from the top layer down.
 
     Args:
@@ -167,16 +173,18 @@ def cascading_randomisation(model: nn.Module, x, methods: Sequence[str], target=
         include_norm: also randomise normalisation layers (when ``layers`` is not given).
         seed: seeds the re-initialisation and random methods.
         keep_maps: also return every map (memory: methods x layers x input size).
+        sliding_window: apply the model by sliding windows (as :func:`voxplain.explain`).
     """
     x = check_input(x)
     methods = list(methods)
-    target = _fixed_target(model, x, target, device, batch_size, memory_budget)
-    kw = dict(options=options, device=device, batch_size=batch_size, memory_budget=memory_budget, seed=seed)
+    target = _fixed_target(model, x, target, device, batch_size, memory_budget, sliding_window)
+    kw = dict(options=options, device=device, batch_size=batch_size, memory_budget=memory_budget, seed=seed,
+              sliding_window=sliding_window)
     original = explain(model, x, target, methods, **kw)
     work = copy.deepcopy(model)
     named = dict(work.named_modules())
     if layers is None:
-        order = [name for name, _ in randomisable_layers(work, x, include_norm)][::-1]
+        order = [name for name, _ in randomisable_layers(work, x, include_norm, sliding_window)][::-1]
     else:
         order = list(layers)
         missing = [n for n in order if n not in named]
@@ -205,25 +213,28 @@ def cascading_randomisation(model: nn.Module, x, methods: Sequence[str], target=
 
 def random_logit(model: nn.Module, x, methods: Sequence[str], target=None,
                  options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, device=None,
-                 batch_size: int | None = None, memory_budget=None) -> dict[str, dict[str, np.ndarray]]:
+                 batch_size: int | None = None, memory_budget=None,
+                 sliding_window=None) -> dict[str, dict[str, np.ndarray]]:
     """Similarity between the map of the explained class and of a random other class, per method.
 
     Needs a classification model with at least two classes; returns
     ``{method: {measure: (B,)}}``. The other class is drawn per sample from a seeded RNG.
     """
     x = check_input(x)
-    tgt = _fixed_target(model, x, target, device, batch_size, memory_budget)
+    tgt = _fixed_target(model, x, target, device, batch_size, memory_budget, sliding_window)
     if not isinstance(tgt, ClassTarget):
         raise ValueError("the random-logit check needs a classification target (ClassTarget or a class index), "
                          f"got {tgt!r}")
-    with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget) as run:
+    with open_run(model, x, tgt, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                  sliding_window=sliding_window) as run:
         bound, k = run.target, run.output.shape[1]
     if k < 2:
         raise ValueError(f"the random-logit check needs at least two classes, the model has {k}")
     rng = np.random.default_rng(seed)
     classes = bound.classes.numpy()
     others = np.array([rng.choice([c for c in range(k) if c != int(cl)]) for cl in classes])
-    kw = dict(options=options, device=device, batch_size=batch_size, memory_budget=memory_budget, seed=seed)
+    kw = dict(options=options, device=device, batch_size=batch_size, memory_budget=memory_budget, seed=seed,
+              sliding_window=sliding_window)
     a = explain(model, x, ClassTarget(torch.as_tensor(classes), tgt.output, tgt.activation), list(methods), **kw)
     b = explain(model, x, ClassTarget(torch.as_tensor(others), tgt.output, tgt.activation), list(methods), **kw)
     return {m: map_similarity(a[m], b[m]) for m in methods}

@@ -137,8 +137,11 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
                    families: Sequence[str] = FAMILIES, steps: int = 20, baseline="zero",
                    pic_thresholds: Sequence[float] | None = None, tolerance: float = 0.0,
                    randomisation_cases: int = 1, seed: int = 0, device=None, batch_size: int | None = None,
-                   memory_budget=None, progress: bool = False) -> EvaluationResult:
-    """Explain and score every case; see the module docstring. ``cases`` may be a lazy iterable."""
+                   memory_budget=None, progress: bool = False, sliding_window=None) -> EvaluationResult:
+    """Explain and score every case; see the module docstring. ``cases`` may be a lazy iterable.
+
+    ``sliding_window`` applies a patch-trained model window by window (as :func:`voxplain.explain`).
+    """
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         raise ValueError(f"unknown metric famil(ies) {unknown}; choose from {FAMILIES}")
@@ -149,7 +152,7 @@ def evaluate_cases(model: nn.Module, cases: Iterable[EvalCase], methods: Sequenc
     names: list[str] = []
     skipped: dict[str, str] = {}
     randomisation: dict[str, Any] = {}
-    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget)
+    run_kw = dict(device=device, batch_size=batch_size, memory_budget=memory_budget, sliding_window=sliding_window)
     pic_kw = {} if pic_thresholds is None else {"thresholds": list(pic_thresholds)}
     method_objs = create_methods(methods, options)
     for case in cases:

@@ -4,6 +4,11 @@ Grad-CAM (Selvaraju et al. 2017) at a layer with output A (N, C, *s):
 alpha_c = mean over space of dF/dA_c, cam = ReLU(sum_c alpha_c A_c), upsampled
 to the input's spatial size by (bi/tri)linear interpolation, align_corners=False.
 Guided Grad-CAM multiplies guided backpropagation by that map, per input channel.
+
+Under sliding windows (a patch-trained model applied window by window) a layer's
+output exists per window only: the CAM is taken per window, with the exact
+gradient of the whole-volume score, upsampled to the window and blended over the
+volume with the windows' own weights (:mod:`voxplain.sliding_window`).
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ class _LayerOption:
         return [self.cam_layer(run)]
 
     def cam(self, run: "Run") -> Tensor:
-        """Upsampled Grad-CAM (N, 1, *spatial) for ``run``."""
+        """Upsampled Grad-CAM (N, 1, *spatial) for ``run`` (blended per-window CAMs under sliding windows)."""
         module = self.cam_layer(run)
+        if run.sliding_window is not None:
+            return run.layer_map(module)
         try:
             activation, gradient = run.layer_gradients(module)
         except RuntimeError:  # the layer did not run, or ran twice: say so as the trace does
@@ -69,17 +76,18 @@ class _LayerOption:
         return upsample_cam(cam_from_gradients(activation, gradient), run.x.shape[2:])
 
     def _check(self, run: "Run", module: nn.Module) -> None:
-        check_cam_layer(run.trace(), module, run.x, self.layer if isinstance(self.layer, str) else None)
+        check_cam_layer(run.trace(), module, run.trace_rows, self.layer if isinstance(self.layer, str) else None)
 
 
 def _resolve_cam_layer(run: "Run", layer: str | nn.Module | None) -> nn.Module:
     if layer is None:
-        return default_cam_layer(run.engine, run.x, run.trace())
+        return default_cam_layer(run.engine, run.trace_rows, run.trace())
     # A given layer is checked against the pass that reads it (:meth:`_LayerOption.cam`), or
-    # against the trace when there is one already: no traced forward just to check it.
+    # against the trace when there is one already (always under sliding windows, whose
+    # blended CAM has no single pass to check against): no traced forward just to check it.
     module = resolve_layer(run.model, layer)
-    if run.has_trace():
-        check_cam_layer(run.trace(), module, run.x, layer if isinstance(layer, str) else None)
+    if run.has_trace() or run.sliding_window is not None:
+        check_cam_layer(run.trace(), module, run.trace_rows, layer if isinstance(layer, str) else None)
     return module
 
 
@@ -141,14 +149,18 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
     Args:
         run: the input and target.
         layers: names or modules; default :func:`~voxplain.methods.layer_select.inspection_layers`.
-        upsample: resize every map to the input's spatial size (else keep the layer's).
+        upsample: resize every map to the input's spatial size (else keep the layer's); under
+            sliding windows the maps are blended over the volume, so always at its size.
 
     Returns:
         ``{layer name: map (N, 1, *spatial)}`` in execution order, on the run's device.
     """
+    if run.sliding_window is not None and not upsample:
+        raise ValueError("under sliding windows per-window CAMs are blended at the input's resolution; "
+                         "upsample=False is not available")
     trace = run.trace()
     if layers is None:
-        chosen = inspection_layers(run.engine, run.x, trace)
+        chosen = inspection_layers(run.engine, run.trace_rows, trace)
         if not chosen:
             raise ValueError(f"{type(run.model).__name__} has no convolution with a spatial output on input "
                              f"shape {tuple(run.x.shape)}; name a layer with a spatial output: `layers=[NAME]` "
@@ -158,7 +170,7 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
         chosen = []
         for layer in layers:
             module = resolve_layer(run.model, layer)
-            check_cam_layer(trace, module, run.x, layer if isinstance(layer, str) else None)
+            check_cam_layer(trace, module, run.trace_rows, layer if isinstance(layer, str) else None)
             chosen.append((layer if isinstance(layer, str) else names[module], module))
         order = {id(info.module): k for k, info in enumerate(trace)}
         chosen.sort(key=lambda pair: order[id(pair[1])])
@@ -167,6 +179,9 @@ def layer_cams(run: "Run", layers: Sequence[str | nn.Module] | None = None,
     out: dict[str, Tensor] = {}
     for name, module in chosen:
         i = modules.index(module)
+        if grads.layer_maps:  # sliding windows: blended per-window CAMs
+            out[name] = grads.layer_maps[i]
+            continue
         cam = cam_from_gradients(grads.activations[i], grads.layer_gradients[i])
         out[name] = upsample_cam(cam, run.x.shape[2:]) if upsample else cam
     return out

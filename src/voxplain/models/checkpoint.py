@@ -253,7 +253,7 @@ def _import_factory(spec: str):
 
 
 def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
-               allow_unsafe_pickle: bool = False, device=None) -> nn.Module:
+               allow_unsafe_pickle: bool = False, device=None, random_weights: bool = False) -> nn.Module:
     """Load a model from ``spec``, safely by default; returns it in eval mode.
 
     ``spec`` may be
@@ -262,7 +262,8 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
     * a shipped checkpoint's name (:data:`SHIPPED_MODELS`), unless a local path has that name;
     * ``"package.module:factory"`` or ``"path/to/file.py:factory"``: the module is imported (its code
       runs), the factory is called without arguments and ``weights`` (a state_dict file) is loaded
-      with ``weights_only=True``;
+      with ``weights_only=True``; without ``weights`` it is an error (a factory gives a randomly
+      initialised network) unless ``random_weights=True``;
     * a TorchScript file (``torch.jit.save``; it carries code that runs: trusted files only);
     * a file holding a whole pickled ``nn.Module``: refused unless ``allow_unsafe_pickle=True``.
 
@@ -283,6 +284,10 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
     if factory is None:
         raise FileNotFoundError(f"model {str(spec)!r} not found: expected a checkpoint folder, a shipped model "
                                 f"({', '.join(SHIPPED_MODELS)}), a model file or 'module:factory'")
+    if weights is None and not random_weights:
+        raise ValueError(f"{spec} builds a network with random weights: give its trained weights with --weights "
+                         "FILE (weights=...), or --random-weights (random_weights=True) to explain the untrained "
+                         "network on purpose")
     model = factory()
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")

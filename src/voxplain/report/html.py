@@ -136,7 +136,7 @@ def _json_script(payload: Any) -> str:
 
 def render_html(studies: Sequence[Study], figures: Sequence[tuple[str, bytes | str | os.PathLike]] = (),
                 settings: dict[str, Any] | None = None, title: str = "voxplain report",
-                max_voxels: int = DEFAULT_MAX_VOXELS) -> str:
+                max_voxels: int = DEFAULT_MAX_VOXELS, alerts: Sequence[str] = ()) -> str:
     """The report page as a string.
 
     Args:
@@ -144,6 +144,7 @@ def render_html(studies: Sequence[Study], figures: Sequence[tuple[str, bytes | s
         figures: ``(title, PNG bytes or path)`` pairs shown below the viewer.
         settings: the run's settings shown as JSON (command line, seed, device...).
         max_voxels: the most voxels embedded per volume.
+        alerts: warnings shown in red at the top of the page (e.g. a model with random weights).
     """
     if not studies:
         raise ValueError("a report needs at least one study")
@@ -166,7 +167,7 @@ def render_html(studies: Sequence[Study], figures: Sequence[tuple[str, bytes | s
 <title>{html.escape(title)}</title>
 <style>{_asset("viewer.css")}</style>
 </head><body>
-<header><h1>{html.escape(title)}</h1></header>
+<header><h1>{html.escape(title)}</h1>{"".join(f'<p class="alert" role="alert">{html.escape(a)}</p>' for a in alerts)}</header>
 <main>
 <section id="viewer"><h2>Viewer</h2>
 <div class="controls">

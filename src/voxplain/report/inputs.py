@@ -1,10 +1,11 @@
 """Read what ``voxplain explain`` / ``inspect`` are pointed at into :class:`Case` objects.
 
 Accepted: a BraTS case folder, a folder of case folders, one or more NIfTI files
-(one channel each, or one 4D file when its volumes are channels), a 2D image (PNG, JPEG, TIFF, BMP;
-16-bit kept). Volumes come back in RAS
-voxel order with the :class:`~voxplain.data.nifti.NiftiMeta` of their source, so
-maps can be written back on the scan's grid.
+(one channel each, or one 4D file when its volumes are channels), a folder of DICOM
+series (one series per modality, or a single series), a 2D image (PNG, JPEG, TIFF,
+BMP; 16-bit kept). Volumes come back in RAS voxel order with the
+:class:`~voxplain.data.nifti.NiftiMeta` of their source grid, so maps can be written
+back on the scan's grid (as NIfTI, also for DICOM input).
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def _load_brats(folder: Path) -> Case:
                 {str(k): str(v) for k, v in facts.items()})
 
 
+def _load_dicom(folder: Path) -> Case:
+    """One DICOM series (one channel), or one series per modality (t1, t1ce, t2, flair) on one grid."""
+    from ..data.dicom import find_dicom_series, load_dicom_modalities
+
+    series = find_dicom_series(folder)
+    if len(series) == 1:
+        image, meta = series[0].load()
+        return Case(folder.name, image[None], [series[0].modality or series[0].description or "dicom"], meta)
+    image, meta, names = load_dicom_modalities(folder)
+    return Case(folder.name, image, list(names), meta)
+
+
 def _is_case_folder(folder: Path) -> bool:
     from ..data.brats import case_files
 
@@ -140,10 +153,14 @@ def load_cases(inputs: Sequence[str | os.PathLike], channels: int | None = None,
         from ..data.brats import find_brats_cases
 
         folders = find_brats_cases(path)
-        if not folders:
-            raise ValueError(f"{path} is neither a BraTS case folder (NAME_t1/t1ce/t2/flair.nii.gz) "
-                             "nor a folder of case folders")
-        return [_load_brats(f) for f in folders]
+        if folders:
+            return [_load_brats(f) for f in folders]
+        from ..data.dicom import is_dicom_folder
+
+        if is_dicom_folder(path):
+            return [_load_dicom(path)]
+        raise ValueError(f"{path} is neither a BraTS case folder (NAME_t1/t1ce/t2/flair.nii.gz), a folder of "
+                         "case folders, nor a folder of DICOM series")
     if _strip_nifti(path.name) != path.name:
         return [_load_nifti_files([path], channels_from_4d)]
     if path.suffix.lower() in IMAGE_SUFFIXES:

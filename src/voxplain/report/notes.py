@@ -79,7 +79,8 @@ def map_notes(study: Study, target: str, method: str) -> list[str]:
     info = study.info(target)
     notes += info.warnings.get(method, [])
     check = info.completeness.get(method)
-    if check is not None and np.isfinite(check["error"]) and check["error"] > COMPLETENESS_LIMIT:
+    said = any("completeness error" in note for note in notes)  # the method's own warning names the cause too
+    if check is not None and not said and np.isfinite(check["error"]) and check["error"] > COMPLETENESS_LIMIT:
         notes.append(f"completeness error {check['error']:.1%} (> {COMPLETENESS_LIMIT:.0%}): the map sums to "
                      f"{check.get('attribution_sum', float('nan')):.3g}, F(x) - F(baseline) is "
                      f"{check.get('score_difference', float('nan')):.3g}")

@@ -1,16 +1,16 @@
 """From a model and an input on disk to a report folder: what ``voxplain explain`` and ``inspect`` do.
 
-Each step is a small function: load the model (and its checkpoint config),
-prepare a case for the model (normalise, crop or pad, remembering how to undo
-it), turn the command's target spec into targets, explain, and write the report.
+Each step is a small function: load the model (and its checkpoint config or
+MONAI bundle), prepare a case for the model (channels, voxel grid, normalisation,
+size: :mod:`voxplain.report.preparation`, remembering how to undo it), turn the
+command's target spec into targets, explain, and write the report.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +24,18 @@ from ..run import Run, open_run
 from ..targets import SegmentationTarget, Target
 from .inputs import Case, load_cases
 from .figures import comparison_grid, study_rows
+from .preparation import ModelGrid, Prepared, model_grid, prepare_case
 from .study import Study
 from .case_study import case_prediction, case_study, target_info
 from .prediction import prediction_line
 from .layer_labels import short_layer_labels
-from .regions import DEFAULT_REGION, independent_channels
+from .regions import DEFAULT_REGION
 from .summary import jsonable
 from .target_choice import TargetChoice, channel_names, choose_targets, parse_targets
 from .writer import ScanSpace, slug, unique_slugs, write_index, write_report
 
 __all__ = ["LoadedModel", "load_model_spec", "check_output_folder", "prepare_case", "Prepared", "parse_targets",
-           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect"]
+           "open_case", "explain_case", "inspect_case", "run_explain", "run_inspect", "ModelGrid", "model_grid"]
 
 
 @dataclass
@@ -42,92 +43,52 @@ class LoadedModel:
     """A model and what its checkpoint says about it (empty for other model kinds).
 
     ``output_key``: for a model returning a tuple, list or dict, which output to explain.
+    ``bundle``: the :class:`~voxplain.models.bundle.BundleDescription` of a MONAI bundle
+    (its channel/class names and activation are also in ``config``, in a checkpoint's
+    terms). ``random_weights``: the model's weights are its random initialisation.
     """
 
     model: nn.Module
     config: dict = field(default_factory=dict)
     spec: str = ""
     output_key: Any = None
+    bundle: Any = None
+    random_weights: bool = False
 
 
-def load_model_spec(spec: str, weights: str | None = None, allow_unsafe_pickle: bool = False) -> LoadedModel:
-    """Load ``spec`` (checkpoint folder, shipped model name, ``module:factory`` + weights, TorchScript file)."""
+def load_model_spec(spec: str, weights: str | None = None, allow_unsafe_pickle: bool = False,
+                    random_weights: bool = False) -> LoadedModel:
+    """Load ``spec`` (checkpoint folder, shipped model name, MONAI bundle folder, ``module:factory`` + weights,
+    TorchScript file).
+
+    ``spec`` is what a user typed: a bundle, like ``module:factory`` and TorchScript, is
+    code that runs when loaded (a path read from a file or database is never loaded here).
+    ``random_weights`` allows ``module:factory`` without weights.
+    """
+    from ..models.bundle import is_bundle_folder, load_bundle
     from ..models.checkpoint import is_checkpoint_path, load_checkpoint, load_model, resolve_model_spec
 
     path = resolve_model_spec(spec)
+    if is_bundle_folder(path):
+        bundle = load_bundle(path, weights)
+        return LoadedModel(bundle.network, _bundle_config(bundle), str(spec), bundle=bundle)
     if is_checkpoint_path(path):
         model, config = load_checkpoint(path, weights)
         return LoadedModel(model, config, str(spec))
-    return LoadedModel(load_model(spec, weights, allow_unsafe_pickle=allow_unsafe_pickle), {}, str(spec))
+    model = load_model(spec, weights, allow_unsafe_pickle=allow_unsafe_pickle, random_weights=random_weights)
+    return LoadedModel(model, {}, str(spec), random_weights=weights is None and ":" in str(spec) and random_weights)
 
 
-@dataclass
-class Prepared:
-    """A case made ready for the model: ``x`` (1, C, *spatial) and the way back to the scan's grid."""
-
-    x: torch.Tensor
-    to_scan: Callable[[np.ndarray], np.ndarray] | None
-    notes: dict[str, Any]
-    seg: np.ndarray | None = None  # the case's ground-truth labels on the model's grid
-
-
-def _multiple(model: nn.Module) -> int:
-    """The size multiple a model's spatial input needs (U-Nets with k downsamplings need 2^k)."""
-    for m in model.modules():
-        value = getattr(m, "multiple", None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return 1
-
-
-def prepare_case(case: Case, model: nn.Module, config: dict | None = None, normalise: bool = True,
-                 size: Sequence[int] | None = None, centre: Sequence[float] | None = None) -> Prepared:
-    """Normalise a case like the model's training data and fit its grid to the model.
-
-    Volumes: z-score per modality over non-zero voxels; cropped or padded to the
-    checkpoint's ``input_size`` around the foreground, else zero-padded to the
-    size multiple a U-Net needs. 2D images: values in [0, 1]; resized to the
-    checkpoint's ``input_size`` if it has one. ``size`` and ``centre`` (voxels)
-    override the volume crop (e.g. a small box around a tumour).
-    """
-    from ..data.preprocess import crop_box, crop_or_pad, foreground_centre, zscore_nonzero
-
-    config = config or {}
-    image = case.image
-    seg = case.seg
-    notes: dict[str, Any] = {}
-    if case.is_volume and normalise:
-        image = zscore_nonzero(image)
-        notes["normalise"] = "z-score per channel over non-zero voxels"
-    size = size if size is not None else config.get("input_size")
-    to_scan = None
-    if case.is_volume:
-        spatial = image.shape[1:]
-        if size is not None and len(size) == 3:
-            # the centre of the raw scan's foreground, as the training datasets crop
-            if centre is None:
-                centre = foreground_centre(case.image)
-            image, box = crop_or_pad(image, size, centre=centre, return_box=True)
-            notes["crop_or_pad"] = list(size)
-            seg = None if seg is None else box.apply(seg)
-        else:
-            k = _multiple(model)
-            target = tuple(int(math.ceil(n / k) * k) for n in spatial)
-            box = crop_box(spatial, target)
-            image = box.apply(image)
-            seg = None if seg is None else box.apply(seg)
-            if target != tuple(spatial):
-                notes["pad_to_multiple_of"] = k
-        if tuple(box.size) != tuple(box.source_shape) or any(box.start):
-            to_scan = box.restore
-    elif size is not None and len(size) == 2 and tuple(size) != tuple(image.shape[1:]):
-        from skimage.transform import resize
-
-        image = resize(image, (image.shape[0], *size), order=1, preserve_range=True, anti_aliasing=True)
-        notes["resized_to"] = list(size)
-        seg = None
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    return Prepared(x, to_scan, notes, None if seg is None else np.rint(np.asarray(seg)).astype(np.int16))
+def _bundle_config(bundle) -> dict:
+    """What a bundle says, in a voxplain checkpoint's ``config.json`` terms (task, names, output activation)."""
+    config: dict[str, Any] = {"task": "segment", "model": f"MONAI bundle {bundle.name or bundle.path.name}"}
+    if bundle.class_names:
+        config["region_names"] = list(bundle.class_names)
+    if bundle.channel_names:
+        config["channel_names"] = list(bundle.channel_names)
+    if bundle.output_activation:
+        config["output"] = f"{bundle.output_activation} (bundle postprocessing)"
+    return config
 
 
 #: cases shown in the comparison grid of a folder of cases (one row each)
@@ -163,21 +124,24 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                  options: dict | None = None, device=None, seed: int = 0, progress: bool = False,
                  batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
                  normalise: bool = True, name: str | None = None, size: Sequence[int] | None = None,
-                 centre: Sequence[float] | None = None) -> tuple[Study, ScanSpace | None]:
+                 centre: Sequence[float] | None = None, grid: ModelGrid | None = None
+                 ) -> tuple[Study, ScanSpace | None]:
     """Explain one case with every method for every target; returns the study and where its maps go.
 
     Segmentation targets pool their channel over ``region`` (default: the predicted
     voxels; see :mod:`voxplain.report.target_choice`); a target with an empty region
     is skipped and the study says why. All targets share one run (one first forward).
+    ``grid``: what the model expects of the scan (default: from the checkpoint or bundle).
     """
     from ..methods import create_methods
 
-    prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre)
+    grid = grid if grid is not None else model_grid(loaded.config, loaded.bundle)
+    prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre, grid)
     method_objs = create_methods(methods, options)
     explanations = {}
     with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name,
                    methods=method_objs, seed=seed, progress=progress, batch_size=batch_size,
-                   memory_budget=memory_budget) as (first, choices):
+                   memory_budget=memory_budget, sliding_window=grid.sliding_window) as (first, choices):
         output = first.output.cpu()
         explainable = [c for c in choices if c.target is not None]
         for i, choice in enumerate(explainable):
@@ -185,11 +149,45 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     model_info = {k: loaded.config[k] for k in ("model", "model_config", "task") if k in loaded.config}
     settings = {"model": loaded.spec, "model_config": jsonable(model_info), "task": task,
                 "region": region or DEFAULT_REGION if task == "segment" else None, "preprocessing": prepared.notes}
-    study = case_study(name or case.name, prepared.x[0].numpy(), case.channels, task, loaded.config, output,
-                       choices, explanations, case.spacing, prepared.seg,
+    study = case_study(name or case.name, prepared.x[0].numpy(), _channels(case, prepared), task, loaded.config, output,
+                       choices, explanations, prepared.spacing or case.spacing, prepared.seg,
                        case.label_among(channel_names(loaded.config, task)), settings)
-    scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
-    return study, scan
+    return study, _scan_space(case, prepared)
+
+
+def _channels(case: Case, prepared: Prepared) -> list[str]:
+    """The channel names in the order the model sees them."""
+    order = prepared.notes.get("channels", {}).get("from_scan")
+    return list(order) if order else list(case.channels)
+
+
+def _scan_space(case: Case, prepared: Prepared) -> ScanSpace | None:
+    if case.meta is None:
+        return None
+    return ScanSpace(case.meta, prepared.to_scan, prepared.labels_to_scan)
+
+
+def _model_settings(loaded: LoadedModel, grid: ModelGrid) -> dict[str, Any]:
+    """What summary.json records of the model beyond the command: random weights, bundle, its grid."""
+    out: dict[str, Any] = {"random_weights": loaded.random_weights}
+    if loaded.bundle is not None:
+        b = loaded.bundle
+        out["bundle"] = {"name": b.name, "version": b.version, "channels": b.channel_names, "classes": b.class_names,
+                         "output_activation": b.output_activation,
+                         "preprocessing": [step.name for step in b.preprocessing]}
+    out["model_grid"] = {"spacing_mm": grid.spacing, "orientation": grid.orientation,
+                         "pad_multiple": grid.pad_multiple,
+                         "sliding_window": grid.sliding_window.settings() if grid.sliding_window else None,
+                         "from": dict(grid.source)}
+    return jsonable(out)
+
+
+def model_alerts(loaded: LoadedModel) -> list[str]:
+    """Warnings the report shows in red at the top (e.g. an untrained model)."""
+    if loaded.random_weights:
+        return [f"The model {loaded.spec} has RANDOM WEIGHTS (--random-weights, no --weights file): these maps "
+                "explain an untrained network, not a trained model."]
+    return []
 
 
 def check_output_folder(out: str | os.PathLike, kind: str = "explain") -> Path:
@@ -206,20 +204,27 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
                 channels: int | None = None, command: str = "", output_key=None,
-                channels_from_4d: bool = False) -> Path:
-    """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases."""
+                channels_from_4d: bool = False, spacing=None, pad_multiple=None, sliding_window=None,
+                random_weights: bool = False) -> Path:
+    """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases.
+
+    ``spacing`` (mm), ``pad_multiple`` and ``sliding_window`` override what the checkpoint or
+    bundle says (:func:`~voxplain.report.preparation.model_grid`); ``random_weights`` allows a
+    ``module:factory`` model without weights (the report then says so in red).
+    """
     from ..methods import create_method
 
     out = check_output_folder(out, "explain")
     for m in methods:  # fail on a bad method name before loading anything large
         create_method(m, (options or {}).get(m))
-    loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded = load_model_spec(model, weights, allow_unsafe_pickle, random_weights)
     loaded.output_key = output_key
+    grid = model_grid(loaded.config, loaded.bundle, spacing, pad_multiple, sliding_window)
     cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
                 "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
                 "methods": list(methods), "options": options or {}, "seed": seed,
-                "device": str(device or "model's device")}
+                "device": str(device or "model's device"), **_model_settings(loaded, grid)}
     if output_key is not None:
         settings["output_key"] = output_key
     folders = unique_slugs([case.name for case in cases])
@@ -227,10 +232,10 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
         entries, rows, skipped = [], [], []
         for case, sub in zip(cases, folders):
             study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
-                                       batch_size, memory_budget, region)
+                                       batch_size, memory_budget, region, grid=grid)
             folder = tmp / sub if len(cases) > 1 else tmp
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
-                         title=f"voxplain: {case.name}")
+                         title=f"voxplain: {case.name}", alerts=model_alerts(loaded))
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
                             else "report.html", prediction_line(study.prediction)))
             case_rows = study_rows(study)
@@ -274,7 +279,7 @@ def layer_by_layer(run: Run, layers: Sequence[str] | None = None
 
 def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | None, device=None,
                  layer: str | None = None, normalise: bool = True, batch_size: int | None = None,
-                 memory_budget: str | None = None, region: str | None = None
+                 memory_budget: str | None = None, region: str | None = None, grid: ModelGrid | None = None
                  ) -> tuple[Study, ScanSpace | None, np.ndarray, str]:
     """Grad-CAM at every conv layer (network order) and the activations of one layer, for one case.
 
@@ -286,15 +291,17 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     """
     from ..methods.layer_select import inspection_layers, resolve_layer
 
-    prepared = prepare_case(case, loaded.model, loaded.config, normalise)
+    grid = grid if grid is not None else model_grid(loaded.config, loaded.bundle)
+    prepared = prepare_case(case, loaded.model, loaded.config, normalise, grid=grid)
     with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name,
-                   batch_size=batch_size, memory_budget=memory_budget) as (run, choices):
+                   batch_size=batch_size, memory_budget=memory_budget,
+                   sliding_window=grid.sliding_window) as (run, choices):
         choice = next((c for c in choices if c.target is not None), None)
         if choice is None:
             raise ValueError(f"nothing to inspect in {case.name}: "
                              + "; ".join(f"{c.label}: {c.skipped}" for c in choices) + "; try --region all")
         output = run.output.cpu()
-        chosen = inspection_layers(run.engine, run.x, run.trace())
+        chosen = inspection_layers(run.engine, run.trace_rows, run.trace())
         if layer is None:
             layer = chosen[len(chosen) // 2][0] if chosen else None
         # read from the first forward while the run still keeps it, before the CAMs' pass
@@ -307,44 +314,52 @@ def inspect_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     names = list(layers)
     shown = {choice.label: {f"gradcam@{labels.get(n, n)}": layers[n]
                             for n in dict.fromkeys([names[0], names[len(names) // 2], names[-1]])}}
-    prediction = case_prediction(output, loaded.config, task, case.spacing, prepared.seg,
+    spacing = prepared.spacing or case.spacing
+    prediction = case_prediction(output, loaded.config, task, spacing, prepared.seg,
                                  case.label_among(channel_names(loaded.config, task)))
-    study = Study(case.name, prepared.x[0].numpy(), case.channels, shown, prediction=prediction,
-                  settings={"model": loaded.spec, "task": task, "target": choice.label, "pooling": choice.pooling,
-                            "layers": table, "filters_of": layer, "preprocessing": prepared.notes},
-                  spacing=case.spacing, layers=layers, targets={choice.label: target_info(choice)},
+    settings = {"model": loaded.spec, "task": task, "target": choice.label, "pooling": choice.pooling,
+                "layers": table, "filters_of": layer, "preprocessing": prepared.notes}
+    if grid.sliding_window is not None:
+        settings["filters_shown_on"] = "the central window"
+    study = Study(case.name, prepared.x[0].numpy(), _channels(case, prepared), shown, prediction=prediction,
+                  settings=settings, spacing=spacing, layers=layers, targets={choice.label: target_info(choice)},
                   skipped={c.label: c.skipped for c in choices if c.skipped}, layer_labels=titles)
-    scan = ScanSpace(case.meta, prepared.to_scan) if case.meta is not None else None
-    return study, scan, activations[0].numpy(), layer
+    return study, _scan_space(case, prepared), activations[0].numpy(), layer
 
 
 def run_inspect(model: str, inputs: Sequence[str], out: str | os.PathLike, task: str, target: str | None = None,
                 layer: str | None = None, weights: str | None = None, device=None,
                 allow_unsafe_pickle: bool = False, channels: int | None = None, command: str = "",
                 batch_size: int | None = None, memory_budget: str | None = None, output_key=None,
-                region: str | None = None, channels_from_4d: bool = False) -> Path:
-    """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case."""
+                region: str | None = None, channels_from_4d: bool = False, spacing=None, pad_multiple=None,
+                sliding_window=None, random_weights: bool = False) -> Path:
+    """``voxplain inspect``: layer-by-layer Grad-CAM and per-filter activations, one report per case.
+
+    ``spacing``, ``pad_multiple``, ``sliding_window``, ``random_weights``: as for :func:`run_explain`.
+    """
     from .figures import filter_grid
 
     out = check_output_folder(out, "inspect")
-    loaded = load_model_spec(model, weights, allow_unsafe_pickle)
+    loaded = load_model_spec(model, weights, allow_unsafe_pickle, random_weights)
     loaded.output_key = output_key
+    grid = model_grid(loaded.config, loaded.bundle, spacing, pad_multiple, sliding_window)
     cases = load_cases(inputs, channels, channels_from_4d)
     settings = {"command": command, "model": model, "inputs": [str(i) for i in inputs], "task": task,
-                "target": target, "region": region or DEFAULT_REGION if task == "segment" else None, "layer": layer}
+                "target": target, "region": region or DEFAULT_REGION if task == "segment" else None, "layer": layer,
+                **_model_settings(loaded, grid)}
     folders = unique_slugs([case.name for case in cases])
     with atomic_dir(out, kind="inspect") as tmp:
         entries = []
         for case, sub in zip(cases, folders):
             study, scan, acts, chosen = inspect_case(loaded, case, task, target, device, layer,
                                                      batch_size=batch_size, memory_budget=memory_budget,
-                                                     region=region)
+                                                     region=region, grid=grid)
             folder = tmp / sub if len(cases) > 1 else tmp
             rel = f"figures/filters_{slug(chosen)}.png"
             filter_grid(folder / rel, acts, chosen)
             write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
                          figures=[(f"Activations of {chosen}, one panel per filter", rel)],
-                         title=f"voxplain inspect: {case.name}")
+                         title=f"voxplain inspect: {case.name}", alerts=model_alerts(loaded))
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
                             else "report.html", prediction_line(study.prediction)))
         if len(cases) > 1:

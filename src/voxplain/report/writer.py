@@ -28,10 +28,11 @@ class ScanSpace:
     """Where a study's maps go back to: the source scan's header and the way back from model input space.
 
     ``to_scan`` takes a map (C, *input spatial) and returns it on the scan's
-    (RAS) voxel grid, e.g. undoing a crop or pad; ``None`` when the model saw
-    the scan's grid as is. ``labels_to_scan`` does the same for a label map
-    (*input spatial) and must not mix labels (nearest neighbour where it
-    resamples); ``None`` uses ``to_scan``, which only crops and pads.
+    (RAS) voxel grid, e.g. undoing a crop or pad and a resampling (linear
+    interpolation); ``None`` when the model saw the scan's grid as is.
+    ``labels_to_scan`` does the same for a label map (*input spatial) and must not
+    mix labels (nearest neighbour where it resamples); ``None`` uses ``to_scan``,
+    which must then only crop and pad.
     """
 
     meta: Any
@@ -71,7 +72,8 @@ def unique_slugs(names: Sequence[str]) -> list[str]:
 
 def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: dict[str, Any] | None = None,
                  scans: dict[str, ScanSpace] | None = None, title: str = "voxplain report",
-                 figures: Sequence[tuple[str, str]] = (), max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+                 figures: Sequence[tuple[str, str]] = (), max_voxels: int = DEFAULT_MAX_VOXELS,
+                 alerts: Sequence[str] = ()) -> dict:
     """Write the report of ``studies`` into ``folder``; returns the summary written to ``summary.json``.
 
     Args:
@@ -80,6 +82,8 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
         settings: the run's settings (command, seed, device...).
         scans: study name -> :class:`ScanSpace` for studies whose maps are written as NIfTI.
         figures: extra ``(title, path relative to folder)`` PNGs already written (e.g. filter grids).
+        alerts: warnings shown in red at the top of the report and listed in ``summary.json``
+            (e.g. a model with random weights).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,9 +129,11 @@ def write_report(folder: str | os.PathLike, studies: Sequence[Study], settings: 
     shown += list(figures)
     summary = {"title": title, "settings": settings or {}, "studies": summary_studies,
                "figures": [rel for _, rel in shown], "report": "report.html"}
+    if alerts:
+        summary["alerts"] = list(alerts)
     write_json(folder / "summary.json", summary)
     write_html(folder / "report.html", studies, figures=[(t, folder / rel) for t, rel in shown],
-               settings=settings, title=title, max_voxels=max_voxels)
+               settings=settings, title=title, max_voxels=max_voxels, alerts=alerts)
     return summary
 
 
