@@ -369,7 +369,8 @@ class Engine:
         """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
         on a CPU at most about 512 MiB of estimated working set (larger passes run slower per row there)."""
         per_pass = self.rows_per_pass(row_shape, backward)
-        if self.batch_size is None and self.device.type == "cpu":
+        # under sliding windows a row is a whole volume, never run in one call: its windows are sized apart
+        if self.batch_size is None and self.device.type == "cpu" and self.sliding_window is None:
             per_row = self._estimate_row_bytes(tuple(row_shape))
             if not backward:
                 per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
@@ -391,6 +392,10 @@ class Engine:
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
         # costs nearly as much as a full one on CPU, and smaller passes are often faster per row.
         n_chunks = math.ceil(n_rows / per_pass)
+        if self.sliding_window is not None:  # the layout trial times whole passes; windows run inside one
+            step = math.ceil(n_rows / n_chunks)
+            yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
+            return
         if self.batch_size is None and self.layout.wants_trial(row_shape, backward,
                                                                n_rows * self._estimate_row_bytes(row_shape)):
             n_chunks = max(n_chunks, min(n_rows, self.layout.trial_passes))
