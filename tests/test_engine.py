@@ -343,3 +343,48 @@ def test_kept_pass_serves_the_size_estimate():
         b.record(x)
         assert tuple(x.shape[1:]) in b._row_bytes
         assert b.rows_per_pass(x.shape[1:]) == expected
+
+
+class _TwoBranches(nn.Module):
+    """Two parallel convolutions on the input, summed, then a head: layers on parallel branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 3, 3, padding=1)
+        self.left = nn.Conv2d(3, 4, 3, padding=1)
+        self.right = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.merge = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.stem(x)
+        h = self.act(self.left(s) + self.right(s))
+        return self.head(self.merge(h).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("names", [["left"], ["merge"], ["left", "right"], ["right", "merge"],
+                                   ["stem", "left", "merge"], ["act"]])
+def test_layer_only_passes_start_the_graph_at_the_layers_with_the_same_gradients(names):
+    # Without dF/dx the graph starts at the captured layers (nothing before them is recorded);
+    # layers on parallel branches each start their own; the gradients are those of the full graph.
+    torch.manual_seed(0)
+    model = _TwoBranches()
+    layers = [getattr(model, n) for n in names]
+    x = torch.randn(2, 2, 6, 6)
+    with Engine(model) as engine:
+        bound, rows = _bound(engine, x, ClassTarget(1))
+        full = engine.gradients(x, bound, rows, layers=layers, input_gradient=True)
+        only = engine.gradients(x, bound, rows, layers=layers, input_gradient=False)
+        recorded = engine.record(x[:1], trace=False, layers=layers, guided=False, input_gradient=False)
+        assert engine.backward_recorded(recorded, bound, rows[:1], layers=layers, input_gradient=True) is None
+        recorded = engine.record(x[:1], trace=False, layers=layers, guided=False, input_gradient=False)
+        kept = engine.backward_recorded(recorded, bound, rows[:1], layers=layers, input_gradient=False)
+    assert only.inputs is None
+    torch.testing.assert_close(only.scores, full.scores, rtol=0, atol=0)
+    for a, b in zip(only.activations + only.layer_gradients, full.activations + full.layer_gradients):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert kept is not None
+    for a, b in zip(kept.activations + kept.layer_gradients, full.activations + full.layer_gradients):
+        torch.testing.assert_close(a, b[:1], rtol=1e-5, atol=1e-6)  # one row vs two: summation order
+    assert _no_hooks(model)

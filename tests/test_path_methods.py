@@ -372,3 +372,73 @@ def test_per_sample_baseline_serves_noisy_copies():
                            method="gausslegendre").mean(0)
         assert _rel_err(noisy[i], ref) <= RTOL
     model.train()
+
+
+# ---------------------------------------------------------------------------
+# integrated gradients with steps="auto"
+
+
+def test_auto_steps_are_the_fewest_doublings_within_the_tolerance():
+    from voxplain import explain_detailed
+    from voxplain.methods.completeness import completeness
+
+    model = classifier(dims=2, seed=4)
+    x = torch.randn(3, 2, 12, 12, generator=torch.Generator().manual_seed(4))
+    tolerance = 0.003
+    out = explain_detailed(model, x, 1, ["integrated_gradients"],
+                           {"integrated_gradients": {"steps": "auto", "tolerance": tolerance}})
+    extras, got = out.extras["integrated_gradients"], out.maps["integrated_gradients"]
+    with torch.no_grad():
+        fx, f0 = model.eval()(x)[:, 1], model(torch.zeros_like(x))[:, 1]
+    for i, used in enumerate(extras["steps_used"]):
+        # the same steps with a fixed count give the same map, and every smaller doubling misses the tolerance
+        fixed = explain(model, x[i:i + 1], 1, ["integrated_gradients"],
+                        {"integrated_gradients": {"steps": used}})["integrated_gradients"]
+        torch.testing.assert_close(got[i:i + 1], fixed, rtol=1e-5, atol=1e-7)
+        assert extras["completeness"]["error"][i] <= tolerance or used == 256  # the default cap
+        n = used // 2
+        while n >= 4:
+            smaller = explain(model, x[i:i + 1], 1, ["integrated_gradients"],
+                              {"integrated_gradients": {"steps": n}})["integrated_gradients"]
+            assert completeness(smaller, fx[i:i + 1], f0[i:i + 1])["error"][0] > tolerance
+            n //= 2
+    assert len(set(extras["steps_used"])) > 1  # chosen per sample
+
+
+def test_auto_steps_stop_at_the_cap_and_say_so():
+    from voxplain import explain_detailed
+
+    model = classifier(dims=2, seed=2)
+    x = torch.randn(1, 2, 12, 12, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(RuntimeWarning, match="stopped at its cap of 8"):
+        out = explain_detailed(model, x, 1, ["integrated_gradients"],
+                               {"integrated_gradients": {"steps": "auto", "tolerance": 1e-6, "max_steps": 8}})
+    assert out.extras["integrated_gradients"]["steps_used"] == [8]
+    assert out.options["integrated_gradients"]["steps"] == "auto"
+    from voxplain.report import methods_summary  # what summary.json says
+
+    summary = methods_summary(out)["integrated_gradients"]
+    assert summary["steps_used"] == [8] and summary["options"]["steps"] == "auto"
+
+
+def test_auto_steps_options_are_checked():
+    from voxplain import create_method
+
+    for bad in ({"steps": "many"}, {"steps": "auto", "tolerance": 0}, {"steps": "auto", "tolerance": 1.5},
+                {"steps": "auto", "max_steps": 2}):
+        with pytest.raises(ValueError):
+            create_method("integrated_gradients", bad)
+
+
+def test_path_methods_alone_take_no_graph_at_the_input_and_no_size_forward():
+    # the forward that fixes the target serves no gradient here: it runs without a graph, and it
+    # sizes the row for the chunking, so no forward of its own is needed for that
+    model = classifier(dims=2)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], torch.is_grad_enabled())))
+    try:
+        explain(model, torch.randn(1, 2, 12, 12), 0, ["integrated_gradients"],
+                {"integrated_gradients": {"steps": 4, "rule": "riemann_trapezoid"}})
+    finally:
+        handle.remove()
+    assert calls == [(1, False), (4, True)]

@@ -10,6 +10,7 @@ flags, same ``requires_grad`` flags, same device, no hooks, even if a call raise
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import warnings
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from . import engine_windows
-from .hooks import GuidedReLU, HookSet, LayerCapture, SwitchableGuidedReLU, guided_types, has_guided_activations
+from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, guided_types, has_guided_activations
+from .layout import Layout
 from .memory import MemoryBudgetError, available_bytes, format_bytes
 from .model_outputs import select_output
 from .sliding_window import SlidingWindow
@@ -37,6 +39,9 @@ _SCRIPTED_ACTIVATION_FACTOR = 64
 # A row whose input, times this, fits the budget is sized by running the model on it (cheap, exact);
 # a larger one is sized on the meta device first (shapes only, no memory), so it is refused before it runs.
 _REAL_PROBE_FACTOR = 64
+# On a CPU, passes are cut to about this much memory each (a size estimate as the budget's):
+# measured on conv nets, larger passes run slower per row (memory traffic), smaller ones no faster.
+_CPU_PASS_BYTES = 512 * 1024**2
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
           "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
           "TIB": 1024**4}
@@ -65,38 +70,59 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         return dev
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         return t.device
     return torch.device("cpu")
 
 
 class ModelState:
-    """A snapshot of what explaining may change on a model, and its restoration."""
+    """A snapshot of what explaining may change on a model, and its restoration.
+
+    Training flags, ``requires_grad`` flags, the device and the memory layout (strides) of
+    every parameter, buffer and parameter gradient: :meth:`restore` puts back any that changed.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.training = {m: m.training for m in model.modules()}
-        self.requires_grad = {p: p.requires_grad for p in model.parameters()}
-        self.devices = {t: t.device for t in list(model.parameters()) + list(model.buffers())}
-        self.hook_counts = _hook_counts(model)
+        self.training = [(m, m.training) for m in model.modules()]
+        self.params = list(model.parameters())
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.tensors = self.params + list(model.buffers())
+        self.devices = [t.device for t in self.tensors]
+        self.strides = [t.stride() for t in self.tensors]
+        self.grad_strides = [(p, p.grad.stride()) for p in self.params if p.grad is not None]
 
     def restore(self) -> None:
-        for m, flag in self.training.items():
-            m.training = flag
-        for p, flag in self.requires_grad.items():
-            p.requires_grad_(flag)
-        if any(t.device != dev for t, dev in self.devices.items()):
-            original = next(iter(self.devices.values()))
-            if all(dev == original for dev in self.devices.values()):
+        for m, flag in self.training:
+            if m.training != flag:
+                m.training = flag
+        for p, flag in zip(self.params, self.requires_grad):
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        if any(t.device != dev for t, dev in zip(self.tensors, self.devices)):
+            original = self.devices[0]
+            if all(dev == original for dev in self.devices):
                 self.model.to(original)
             else:  # a model spread over devices: put each tensor back where it was
-                for t, dev in self.devices.items():
+                for t, dev in zip(self.tensors, self.devices):
                     t.data = t.data.to(dev)
+        self.restore_layout()
+
+    def restore_layout(self) -> None:
+        """Lay every parameter, buffer and parameter gradient out again as it came (same strides)."""
+        for t, stride in zip(self.tensors, self.strides):
+            if t.stride() != stride:
+                t.data = _with_strides(t.data, stride)
+        for p, stride in self.grad_strides:
+            if p.grad is not None and p.grad.stride() != stride:
+                p.grad = _with_strides(p.grad, stride)
 
 
-def _hook_counts(model: nn.Module) -> dict[nn.Module, tuple[int, ...]]:
-    return {m: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for m in model.modules()}
+def _with_strides(t: Tensor, stride: tuple[int, ...]) -> Tensor:
+    """A copy of ``t`` laid out with ``stride`` (e.g. back from channels-last to as it came)."""
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
 
 
 @dataclass
@@ -138,20 +164,26 @@ class LayerInfo:
 class RecordedPass:
     """A forward pass over rows, kept with its autograd graph for one backward pass.
 
-    :meth:`Engine.record` makes it and :meth:`Engine.backward_recorded` uses it, once:
-    it serves a plain or a guided backward (its activations carry switchable
-    guided-backprop hooks) and gives up the output of any layer that ran once,
-    unless an in-place operation changed that output after the layer returned it.
-    Whoever holds it decides which request it serves; the engine keeps no reference.
+    :meth:`Engine.record` makes it and :meth:`Engine.backward_recorded` uses it, once.
+    It keeps the output of every module it watched (all of them when traced) and, when
+    recorded for guided use, every output of the guidable activation modules: the
+    guided rule is attached to those at backward time, so one recorded forward serves a
+    plain or a guided backward, whichever is asked for first. A layer output or an
+    activation changed in place after its module returned it cannot serve (a fresh
+    pass is needed). Whoever holds it decides which request it serves; the engine
+    keeps no reference.
     """
 
     leaf: Tensor  # the rows on the device, requiring grad
     output: Tensor
-    trace: list[LayerInfo]
+    trace: list[LayerInfo] | None  # None unless recorded with the trace
     # module -> (its output, that output's grad_fn when the module returned it); None if
     # the module ran more than once or returned no tensor
     outputs: dict[nn.Module, tuple[Tensor, object] | None]
-    guide: SwitchableGuidedReLU
+    # (module, output, grad_fn) of every call of a guidable activation; None if not recorded for guided use
+    activations: list[tuple[nn.Module, Tensor, object]] | None = None
+    # False when the graph starts at the first kept layer (no dF/dx can be taken)
+    input_gradient: bool = True
 
     def activation(self, layer: nn.Module) -> Tensor | None:
         """``layer``'s output in this pass, or None if it cannot serve a gradient request.
@@ -164,6 +196,15 @@ class RecordedPass:
         if entry is None or not entry[0].requires_grad or entry[0].grad_fn is not entry[1]:
             return None
         return entry[0]
+
+    def guided_activations(self, types: tuple[type[nn.Module], ...]) -> list[tuple[nn.Module, Tensor]] | None:
+        """The outputs a guided backward through ``types`` rewrites, or None if this pass cannot serve one."""
+        if self.activations is None:
+            return None
+        chosen = [(m, out, fn) for m, out, fn in self.activations if isinstance(m, types)]
+        if any(out.grad_fn is not fn for _, out, fn in chosen):
+            return None
+        return [(m, out) for m, out, _ in chosen]
 
 
 class Engine:
@@ -181,6 +222,9 @@ class Engine:
         progress: show progress bars for long loops.
         output_key: for a model returning a tuple, list or dict, the index or key of
             the tensor to explain.
+        channels_last: run 2D/3D rows in the channels-last memory layout: ``None`` (default)
+            where measured faster for the row shape (see :class:`~voxplain.layout.Layout`),
+            ``True`` always, ``False`` never. Maps come back in the input's layout either way.
         sliding_window: apply the model to whole volumes window by window, as MONAI's
             ``sliding_window_inference`` does (:class:`~voxplain.sliding_window.SlidingWindow`);
             every pass then goes through it (:mod:`voxplain.engine_windows`).
@@ -194,7 +238,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
                  memory_budget: int | str | None = None, progress: bool = False, output_key=None,
-                 sliding_window: SlidingWindow | None = None) -> None:
+                 channels_last: bool | None = None, sliding_window: SlidingWindow | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -217,18 +261,23 @@ class Engine:
         self._window_channels: dict[tuple[int, ...], int] = {}
         self._window_budget_warned = False
         self._depth = 0
+        self.layout = Layout(self, channels_last)
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
         if self._depth == 0:
-            self._state = ModelState(self.model)
+            state = self._state = ModelState(self.model)
             try:
-                self.model.eval()
-                for p in self.model.parameters():
-                    p.requires_grad_(False)
-                self.model.to(self.device)
+                if any(flag for _, flag in state.training):
+                    self.model.eval()
+                for p, flag in zip(state.params, state.requires_grad):
+                    if flag:
+                        p.requires_grad_(False)
+                if any(dev != self.device for dev in state.devices):
+                    self.model.to(self.device)
+                self.layout.attach()
             except BaseException:
-                self._state.restore()
+                state.restore()
                 self._state = None
                 raise
         self._depth += 1
@@ -239,14 +288,16 @@ class Engine:
         if self._depth == 0 and self._state is not None:
             self._state.restore()
             self._state = None
+            self.layout.forget_model_format()
 
     @contextlib.contextmanager
-    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False) -> Iterator[LayerCapture]:
+    def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False,
+               start_graph: bool = False) -> Iterator[LayerCapture]:
         types = guided_types(guided)
         if self.scripted and (layers or types):
             self._refuse_scripted("guided backpropagation" if types else "capturing a layer")
         hooks = HookSet()
-        capture = LayerCapture(layers)
+        capture = LayerCapture(layers, start_graph)
         try:
             if types:
                 GuidedReLU(self.model, types).install(hooks)
@@ -262,10 +313,11 @@ class Engine:
     def _call_model(self, x: Tensor) -> Tensor:
         """The model on rows ``x`` (already on the device): the one place the model is called.
 
-        Returns the tensor the model returns, or the one :attr:`output_key` selects from its
-        tuple, list or dict (:func:`~voxplain.model_outputs.select_output`).
+        Rows go in the memory layout chosen for their shape (:class:`Layout`); the model's
+        parameters are laid out to match. Returns the tensor the model returns, or the one
+        :attr:`output_key` selects from its tuple, list or dict (:func:`~voxplain.model_outputs.select_output`).
         """
-        return select_output(self.model(x), self.output_key)
+        return select_output(self.model(self.layout.arrange(x)), self.output_key)
 
     # -- chunking ----------------------------------------------------------
     def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
@@ -313,18 +365,43 @@ class Engine:
             return engine_windows.is_large_pass(self, row_shape)
         return self._is_large_row(row_shape)
 
+    def rows_per_chunk(self, row_shape: Sequence[int], backward: bool = True) -> int:
+        """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
+        on a CPU at most about 512 MiB of estimated working set (larger passes run slower per row there)."""
+        per_pass = self.rows_per_pass(row_shape, backward)
+        # under sliding windows a row is a whole volume, never run in one call: its windows are sized apart
+        if self.batch_size is None and self.device.type == "cpu" and self.sliding_window is None:
+            per_row = self._estimate_row_bytes(tuple(row_shape))
+            if not backward:
+                per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
+            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // per_row))
+        return per_pass
+
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
-        """Slices covering ``range(n_rows)`` in pieces that fit one pass."""
+        """Slices covering ``range(n_rows)`` in pieces that fit one pass.
+
+        The first pieces of a long enough walk also choose the memory layout for the row
+        shape (:meth:`Layout.over`); a walk of a few passes is then cut into a few more.
+        """
         if n_rows == 1 and (self.batch_size is not None or not self._is_large_pass(row_shape)):
-            # nothing to split and nothing to refuse: skip the size estimate
+            # nothing to split and nothing to refuse: skip the size estimate (a forward pass of its own)
             yield slice(0, n_rows)
             return
+        row_shape = tuple(row_shape)
+        per_pass = self.rows_per_chunk(row_shape, backward)
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
         # costs nearly as much as a full one on CPU, and smaller passes are often faster per row.
-        n_chunks = math.ceil(n_rows / self.rows_per_pass(row_shape, backward))
+        n_chunks = math.ceil(n_rows / per_pass)
+        if self.sliding_window is not None:  # the layout trial times whole passes; windows run inside one
+            step = math.ceil(n_rows / n_chunks)
+            yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
+            return
+        if self.batch_size is None and self.layout.wants_trial(row_shape, backward,
+                                                               n_rows * self._estimate_row_bytes(row_shape)):
+            n_chunks = max(n_chunks, min(n_rows, self.layout.trial_passes))
         step = math.ceil(n_rows / n_chunks)
-        for start in range(0, n_rows, step):
-            yield slice(start, min(n_rows, start + step))
+        slices = [slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+        yield from self.layout.over(slices, row_shape, backward, len(slices), lambda sl: sl.stop - sl.start)
 
     def fits_one_pass(self, x: Tensor) -> bool:
         """True if the rows ``x`` fit one forward/backward pass.
@@ -359,31 +436,35 @@ class Engine:
         """
         from torch.func import functional_call
 
-        total = 0
+        with torch.no_grad(), self._counting_leaf_outputs() as counted:
+            if on_meta:
+                state = {name: torch.empty_like(t, device="meta") for name, t in
+                         [*self.model.named_parameters(), *self.model.named_buffers()]}
+                try:
+                    functional_call(self.model, state, (torch.zeros((1, *row_shape), device="meta"),))
+                except Exception:  # noqa: BLE001 - any failure on meta means: measure for real instead
+                    return None
+            else:
+                self._call_model(torch.zeros((1, *row_shape), device=self.device))
+        return counted[0]
+
+    @contextlib.contextmanager
+    def _counting_leaf_outputs(self) -> Iterator[list[int]]:
+        """While open, ``counted[0]`` sums the bytes of every tensor a leaf module returns."""
+        counted = [0]
 
         def count(module, inputs, output):
-            nonlocal total
             if isinstance(output, Tensor):
-                total += output.numel() * output.element_size()
+                counted[0] += output.numel() * output.element_size()
 
         hooks = HookSet()
         try:
             for m in self.model.modules():
-                if not any(True for _ in m.children()):
+                if next(m.children(), None) is None:
                     hooks.add(m.register_forward_hook(count))
-            with torch.no_grad():
-                if on_meta:
-                    state = {name: torch.empty_like(t, device="meta") for name, t in
-                             [*self.model.named_parameters(), *self.model.named_buffers()]}
-                    try:
-                        functional_call(self.model, state, (torch.zeros((1, *row_shape), device="meta"),))
-                    except Exception:  # noqa: BLE001 - any failure on meta means: measure for real instead
-                        return None
-                else:
-                    self._call_model(torch.zeros((1, *row_shape), device=self.device))
+            yield counted
         finally:
             hooks.remove()
-        return total
 
     def _set_row_bytes(self, row_shape: tuple[int, ...], leaf_output_bytes: int) -> None:
         input_bytes = 4 * math.prod(row_shape)
@@ -392,10 +473,20 @@ class Engine:
 
     # -- evaluation --------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """The model's output on ``x`` (no gradient), chunked."""
+        """The model's output on ``x`` (no gradient), chunked.
+
+        One row whose shape has no size estimate yet is sized on the way (the estimate's
+        own forward pass is then saved).
+        """
         self._require_prepared()
         if self.sliding_window is not None:
             return engine_windows.forward(self, x)
+        row_shape = tuple(x.shape[1:])
+        if x.shape[0] == 1 and not self.scripted and self.batch_size is None and row_shape not in self._row_bytes:
+            with torch.no_grad(), self._counting_leaf_outputs() as counted:
+                out = self._call_model(x.to(self.device))
+            self._set_row_bytes(row_shape, counted[0])
+            return out
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
@@ -448,73 +539,124 @@ class Engine:
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
 
-    def record(self, x: Tensor) -> RecordedPass:
+    def record(self, x: Tensor, *, trace: bool = True, layers: Sequence[nn.Module] = (),
+               guided: bool = True, input_gradient: bool = True) -> RecordedPass:
         """One forward pass over ``x`` (which must fit one pass), kept with its graph.
 
-        Every module's output is kept (to be captured after the fact) and every
-        guidable activation carries a switchable guided-backprop hook. A recorded
-        pass of one row also fills in the memory estimate for its row shape.
+        Args:
+            x: the rows.
+            trace: keep the trace (modules in execution order, with output shapes) and every
+                module's output, so any layer can be read after the fact; a traced pass of
+                one row also fills in the memory estimate for its row shape. Costs a Python
+                hook call per module call.
+            layers: without the trace, the modules whose outputs are kept.
+            guided: keep the outputs of the guidable activation modules, so that the pass
+                can also serve a guided backward.
+            input_gradient: without the trace and with ``layers``, False starts the graph at the
+                first of them to run (the pass then serves layer gradients only, and costs less).
         """
         self._require_prepared()
         if self.scripted:
             self._refuse_scripted("recording a pass")
         if self.sliding_window is not None:
             raise ValueError("no recorded pass under sliding windows: its graph would span the whole volume")
-        names = {m: n for n, m in self.model.named_modules()}
-        trace: list[LayerInfo] = []
         outputs: dict[nn.Module, tuple[Tensor, object] | None] = {}
+        activations: list[tuple[nn.Module, Tensor, object]] | None = [] if guided else None
+        seen: list[LayerInfo] | None = [] if trace else None
         leaf_bytes = 0
 
-        def record(module, inputs, output):
-            nonlocal leaf_bytes
+        start_graph = not input_gradient and not trace and bool(layers)
+
+        def keep(module, inputs, output):
             is_tensor = isinstance(output, Tensor)
-            if is_tensor and not any(True for _ in module.children()):
-                leaf_bytes += output.numel() * output.element_size()
-            trace.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
+            if start_graph and is_tensor and not output.requires_grad and module not in outputs:
+                # no kept layer lies upstream: the graph starts here; consumers get a copy
+                leaf = output.detach().requires_grad_(True)
+                outputs[module] = (leaf, None)
+                return leaf.clone()
             outputs[module] = (output, output.grad_fn) if is_tensor and module not in outputs else None
 
-        leaf = x.detach().to(self.device).requires_grad_(True)
-        guide = SwitchableGuidedReLU(self.model)
+        def keep_activation(module, inputs, output):
+            if isinstance(output, Tensor) and output.requires_grad:
+                activations.append((module, output, output.grad_fn))
+
         hooks = HookSet()
         try:
-            for m in self.model.modules():
-                if m is not self.model:
-                    hooks.add(m.register_forward_hook(record))
-            guide.install(hooks)
+            if trace:
+                names = {m: n for n, m in self.model.named_modules()}
+                leaves = {m for m in names if next(m.children(), None) is None}
+
+                def record(module, inputs, output):
+                    nonlocal leaf_bytes
+                    is_tensor = isinstance(output, Tensor)
+                    if is_tensor and module in leaves:
+                        leaf_bytes += output.numel() * output.element_size()
+                    seen.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
+                    keep(module, inputs, output)
+                    if activations is not None and isinstance(module, GUIDABLE):
+                        keep_activation(module, inputs, output)
+
+                for m in names:
+                    if m is not self.model:
+                        hooks.add(m.register_forward_hook(record))
+            else:
+                for layer in dict.fromkeys(layers):
+                    hooks.add(layer.register_forward_hook(keep))
+                if activations is not None:
+                    for m in self.model.modules():
+                        if isinstance(m, GUIDABLE):
+                            hooks.add(m.register_forward_hook(keep_activation))
+            leaf = x.detach().to(self.device).requires_grad_(not start_graph)
             with torch.enable_grad():
                 out = self._call_model(leaf)
         finally:
             hooks.remove()
         row_shape = tuple(x.shape[1:])
-        if x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
+        if trace and x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
             self._set_row_bytes(row_shape, leaf_bytes)
-        if self.batch_size is None:
-            self.rows_per_pass(row_shape)  # refuses a row that does not fit (measured by this very pass)
-        return RecordedPass(leaf, out, trace, outputs, guide)
+        if self.batch_size is None and (trace or self.budget_given or self._is_large_row(row_shape)):
+            # refuses a row that does not fit (measured by this very pass when traced); an untraced
+            # small row under the default budget skips the estimate's own forward pass
+            self.rows_per_pass(row_shape)
+        return RecordedPass(leaf, out, seen, outputs, activations, input_gradient=not start_graph)
 
     def backward_recorded(self, recorded: RecordedPass, target: BoundTarget, sample_index: Tensor, *,
                           layers: Sequence[nn.Module] = (), guided: bool | str = False,
                           input_gradient: bool = True) -> Gradients | None:
-        """Like :meth:`gradients` on the rows of ``recorded``, from its kept graph; None when a
-        layer's output cannot be taken from it (run :meth:`gradients` instead).
+        """Like :meth:`gradients` on the rows of ``recorded``, from its kept graph; None when
+        ``recorded`` cannot serve the request (a layer's output or a guided activation changed
+        in place, or a guided request on a pass not recorded for it): run :meth:`gradients` instead.
 
         The graph is freed by the backward pass: use a recorded pass once.
         """
         self._require_prepared()
+        if (input_gradient or guided) and not recorded.input_gradient:
+            return None
         acts = [recorded.activation(layer) for layer in layers]
         if any(a is None for a in acts):
             return None
-        recorded.guide.types = guided_types(guided)
+        types = guided_types(guided)
+        guide: list[tuple[nn.Module, Tensor]] = []
+        if types:
+            guide = recorded.guided_activations(types)
+            if guide is None:
+                return None
+        handles = [out.register_hook(guided_rule(m, out)) for m, out in guide]
         try:
             return self._backward(recorded.leaf, recorded.output, acts, target, sample_index, input_gradient)
         finally:
-            recorded.guide.types = ()
+            for h in handles:
+                h.remove()
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
                        layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
-        # The input always carries the graph: layer gradients need it even when dF/dx is not asked for.
-        x = x.detach().to(self.device).requires_grad_(True)
-        with torch.enable_grad(), self._hooks(layers, guided) as capture:
+        # Without dF/dx, the graph starts at the first captured layer: nothing before it is recorded.
+        layers_only = not input_gradient and bool(layers) and not guided
+        x = x.detach().to(self.device).requires_grad_(not layers_only)
+        if not layers and not guided:  # nothing to hook: the plain pass (path methods) skips the hook set-up
+            with torch.enable_grad():
+                return self._backward(x, self._call_model(x), [], target, sample_index, input_gradient)
+        with torch.enable_grad(), self._hooks(layers, guided, start_graph=layers_only) as capture:
             out = self._call_model(x)
             acts = capture.activations()
             return self._backward(x, out, acts, target, sample_index, input_gradient)
@@ -532,7 +674,7 @@ class Engine:
                 if input_gradient and grads[0] is None:
                     _warn_constant_score()
                 grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
-        input_grad = grads[0] if input_gradient else None
+        input_grad = self.layout.as_input(grads[0], x) if input_gradient else None
         return Gradients(scores=scores.detach(), inputs=input_grad,
                          activations=[a.detach() for a in acts],
                          layer_gradients=grads[1:] if input_gradient else grads)

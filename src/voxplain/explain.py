@@ -29,8 +29,8 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
     any method may report ``"warnings"``.
     """
     method_objs = create_methods(methods, options)
-    with open_run(model, x, target, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                  progress=progress, seed=seed, output_key=output_key,
+    with open_run(model, x, target, methods=method_objs, device=device, batch_size=batch_size,
+                  memory_budget=memory_budget, progress=progress, seed=seed, output_key=output_key,
                   sliding_window=sliding_window) as run:
         return run.explain(method_objs)
 

@@ -15,13 +15,13 @@ backward hooks, because module backward hooks break on in-place activations
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["GUIDED_ACTIVATIONS", "GUIDED_SETS", "guided_types", "LayerCapture", "GuidedReLU",
-           "SwitchableGuidedReLU", "HookSet", "has_guided_activations"]
+__all__ = ["GUIDED_ACTIVATIONS", "GUIDED_SETS", "GUIDABLE", "guided_types", "guided_rule", "LayerCapture",
+           "GuidedReLU", "HookSet", "has_guided_activations"]
 
 #: Activation module types whose backward pass guided backpropagation rewrites by default
 #: (the ``"relu_family"`` set). All keep the sign of their input, so the forward output's
@@ -72,11 +72,17 @@ class LayerCapture:
     respect to them can be taken. The layer's consumers receive a clone: an
     in-place operation downstream (``ReLU(inplace=True)``) then cannot overwrite
     the recorded activation.
+
+    With ``start_graph`` (the input does not require grad), a layer whose output does not
+    yet require grad starts the autograd graph: its output is recorded as a leaf, so the
+    forward pass before it records nothing for backward, and the backward pass stops there.
+    Layers downstream of it stay in its graph; a layer on a parallel branch starts its own.
     """
 
-    def __init__(self, layers: Iterable[nn.Module]) -> None:
+    def __init__(self, layers: Iterable[nn.Module], start_graph: bool = False) -> None:
         self.layers = list(layers)
         self.outputs: dict[int, Tensor] = {}
+        self.start_graph = start_graph
 
     def install(self, hooks: HookSet) -> None:
         for i, layer in enumerate(self.layers):
@@ -94,6 +100,9 @@ class LayerCapture:
                     f"layer {type(module).__name__} ran twice in one forward pass; "
                     "choose a layer that is used once"
                 )
+            if self.start_graph and not output.requires_grad:
+                # no captured layer lies upstream: the graph starts here (a branch of its own)
+                output = output.detach().requires_grad_(True)
             self.outputs[i] = output
             return output.clone()
 
@@ -104,6 +113,28 @@ class LayerCapture:
         if missing:
             raise RuntimeError(f"layer(s) {missing} did not run in the forward pass")
         return [self.outputs[i] for i in range(len(self.layers))]
+
+
+#: Activation modules whose own backward pass already passes gradient only where their
+#: output is positive (ReLU, and ReLU6 = Hardtanh(0, 6)): the guided rule there is
+#: only to clamp the incoming gradient at zero; no mask of the forward output is needed.
+_SELF_MASKING: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+def _clamp_gradient(grad: Tensor) -> Tensor:
+    return grad.clamp(min=0)
+
+
+def guided_rule(module: nn.Module, output: Tensor) -> Callable[[Tensor], Tensor]:
+    """The tensor hook that makes the gradient at ``output`` of the activation ``module`` guided:
+    positive gradient only, and only where the forward output (whose sign is the input's) is positive.
+
+    Read the output's sign when the hook is made, before any later in-place edit of it.
+    """
+    if isinstance(module, _SELF_MASKING):
+        return _clamp_gradient
+    positive = output.detach() > 0
+    return lambda grad: grad.clamp(min=0) * positive
 
 
 class GuidedReLU:
@@ -118,39 +149,12 @@ class GuidedReLU:
 
 
 def _guided_forward_hook(module: nn.Module, inputs, output: Tensor) -> None:
-    if not isinstance(output, Tensor) or not output.requires_grad:
-        return
-    # Sign of the output equals the sign of the input for every guided activation;
-    # reading it now (not at backward time) is safe against later in-place edits.
-    positive = output.detach() > 0
-    output.register_hook(lambda grad: grad.clamp(min=0) * positive)
+    if isinstance(output, Tensor) and output.requires_grad:
+        output.register_hook(guided_rule(module, output))
 
 
-class SwitchableGuidedReLU(GuidedReLU):
-    """Guided-backprop hooks on every activation any guided set names, whose rule applies
-    at backward time only to the modules of the types in :attr:`types` (none by default).
-
-    One forward pass recorded with these hooks can then serve either a plain or a
-    guided backward pass (with either activation set), whichever is asked for first.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model, tuple({t: None for types in GUIDED_SETS.values() for t in types}))
-        self.types: tuple[type[nn.Module], ...] = ()
-
-    def install(self, hooks: HookSet) -> None:
-        for m in self.modules:
-            hooks.add(m.register_forward_hook(self._hook))
-
-    def _hook(self, module: nn.Module, inputs, output: Tensor) -> None:
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        positive = output.detach() > 0
-
-        def rule(grad: Tensor) -> Tensor | None:
-            return grad.clamp(min=0) * positive if self.types and isinstance(module, self.types) else None
-
-        output.register_hook(rule)
+#: Every activation type some guided set names.
+GUIDABLE: tuple[type[nn.Module], ...] = tuple({t: None for types in GUIDED_SETS.values() for t in types})
 
 
 def has_guided_activations(model: nn.Module, types: tuple[type[nn.Module], ...] = GUIDED_ACTIVATIONS) -> bool:

@@ -150,11 +150,13 @@ class RowChunk:
 
 
 class _InputState:
-    """What one input gives every target explained on it: the first pass, its trace, resolved layers."""
+    """What one input gives every target explained on it: the first forward (its output, and the pass
+    kept for the first gradient request), its trace, resolved layers."""
 
-    def __init__(self, first: RecordedPass | None, trace: list[LayerInfo] | None) -> None:
-        self.first = first
-        self.trace = trace
+    def __init__(self) -> None:
+        self.output: Tensor | None = None
+        self.first: RecordedPass | None = None
+        self.trace: list[LayerInfo] | None = None
         self.layers: dict[Any, nn.Module] = {}
 
 
@@ -167,30 +169,74 @@ class Run:
     Attributes:
         engine: the prepared engine (model in eval mode on its device).
         x: rows to explain, (N, C, *spatial), on the engine's device.
-        target: the target bound to the original batch.
+        target: the target bound to the original batch (bound from the first forward's output).
         sample_index: (N,) original sample of each row (``arange(B)`` for the batch itself).
         seed: seed for any randomness; each method derives its own stream from it.
         output: the model's output at ``x`` (detached), or None for rows derived from
             the explained input (see :meth:`at`).
+
+    The first forward runs when the run starts (:func:`open_run`), or earlier when
+    :meth:`share` needs the trace; what it keeps depends on what was declared (:meth:`share`).
     """
 
-    def __init__(self, engine: Engine, x: Tensor, target: BoundTarget, sample_index: Tensor | None = None,
-                 seed: int = 0, output: Tensor | None = None, *, _input: _InputState | None = None,
+    def __init__(self, engine: Engine, x: Tensor, target: BoundTarget | Target | Callable | None,
+                 sample_index: Tensor | None = None, seed: int = 0, *, _input: _InputState | None = None,
                  _parent: "Run | None" = None) -> None:
         self.engine = engine
         self.x = x
-        self.target = target
+        self._target = target if isinstance(target, BoundTarget) else None
+        self._unbound = None if isinstance(target, BoundTarget) else target
         self.sample_index = (torch.arange(x.shape[0], device=x.device) if sample_index is None
                              else sample_index.to(x.device))
         self.seed = seed
-        self.output = output
         self.parent = _parent
-        self._input = _input if _input is not None else _InputState(None, None)
+        self._input = _input if _input is not None else _InputState()
         self._passes: dict[Any, Gradients] = {}
+        self._declared = False
         self._shared_layers: list[nn.Module] = []
         self._shared_input_gradient = False
+        self._shared_guided: set[str] = set()
 
     # -- what it is ------------------------------------------------------------
+    @property
+    def output(self) -> Tensor | None:
+        """The model's output at ``x`` (detached), from the first forward; None for derived rows."""
+        if self.derived:
+            return None
+        self.start()
+        return self._input.output
+
+    @property
+    def target(self) -> BoundTarget:
+        """The target, bound to the model's output at the explained input."""
+        if self._target is None:
+            self.start()
+        return self._target
+
+    def start(self, trace: bool = False) -> None:
+        """Run the first forward now (if it has not run), and bind the target to its output.
+
+        It keeps, for the first gradient request, its graph and what the methods declared so
+        far need (:meth:`share`): the declared layers' outputs, the activations a guided
+        pass needs when only guided passes were declared; the trace with ``trace`` or when
+        nothing was declared.
+        """
+        if self.derived:
+            return
+        state = self._input
+        if state.output is None:
+            everything = not self._declared
+            # declared methods that take no gradient at x (path methods) need only the output
+            keep = everything or trace or bool(self._shared_input_gradient or self._shared_layers or self._shared_guided)
+            state.output, state.first = _first_forward(
+                self.engine, self.x, keep, trace=trace or everything, layers=self._shared_layers,
+                guided=everything or (bool(self._shared_guided) and not self._shared_input_gradient),
+                input_gradient=everything or bool(self._shared_input_gradient or self._shared_guided))
+            if state.first is not None and state.first.trace is not None:
+                state.trace = state.first.trace
+        if self._target is None:
+            self._target = _bind(self._unbound, state.output)
+
     @property
     def device(self) -> torch.device:
         """The engine's device."""
@@ -240,8 +286,8 @@ class Run:
         """
         if sample_index is None:
             sample_index = self.sample_index
-        state = _InputState(None, self._input.trace)
-        state.layers = self._input.layers
+        state = _InputState()
+        state.trace, state.layers = self._input.trace, self._input.layers
         return Run(self.engine, x, self.target, sample_index.to(x.device), self.seed, _input=state, _parent=self)
 
     def retarget(self, target) -> "Run":
@@ -253,17 +299,21 @@ class Run:
         if self.derived:
             raise ValueError("retarget a run of the explained input, not one of derived rows")
         bound = _bind(target, self.output)
-        return Run(self.engine, self.x, bound, self.sample_index, self.seed, self.output, _input=self._input)
+        return Run(self.engine, self.x, bound, self.sample_index, self.seed, _input=self._input)
 
     # -- declaring what the shared passes hold -------------------------------------
     def share(self, methods: Sequence[Method]) -> None:
-        """Declare the methods about to run, so that the shared plain pass at ``x`` holds what they need.
+        """Declare the methods about to run, so that the shared passes at ``x`` hold what they need.
 
         The plain pass captures every layer the methods name (``method.layers(run)``)
         and is the one Grad-CAM reads its layer from when any of them reads the plain
         input gradient too (``method.shares_input_gradient()``); otherwise Grad-CAM's
-        pass stops at its layer. Call before the methods run.
+        pass stops at its layer. The first forward, if it has not run yet, then keeps only
+        what these methods can take from it. Call before the methods run.
         """
+        self._declared = True
+        self._shared_input_gradient = any(m.shares_input_gradient() for m in methods)
+        self._shared_guided = {g for m in methods if (g := m.guided_input_gradient()) is not None}
         layers: list[nn.Module] = []
         for m in methods:
             for layer in m.layers(self):
@@ -272,7 +322,6 @@ class Run:
         if [id(m) for m in layers] != [id(m) for m in self._shared_layers]:
             self._passes.pop(("plain", ()), None)  # it captured other layers
         self._shared_layers = layers
-        self._shared_input_gradient = any(m.shares_input_gradient() for m in methods)
 
     # -- passes at x (shared) -------------------------------------------------------
     def input_gradients(self, guided: bool | str = False) -> Tensor:
@@ -336,13 +385,21 @@ class Run:
         return self._passes[key]
 
     def _compute_at_x(self, *, layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
+        self.start()
         first, self._input.first = self._input.first, None
         if first is not None:
             grads = self.engine.backward_recorded(first, self.target, self.sample_index, layers=layers,
                                                   guided=guided, input_gradient=input_gradient)
-            del first  # free its graph before any other pass
             if grads is not None:
                 return grads
+            if self._shared_input_gradient and ("plain", ()) not in self._passes:
+                # It was kept for the declared plain pass, which comes later: serve that now, so
+                # that it needs no pass of its own and no two graphs are held at once.
+                plain = self.engine.backward_recorded(first, self.target, self.sample_index,
+                                                      layers=self._shared_layers, input_gradient=True)
+                if plain is not None:
+                    self._passes[("plain", ())] = plain
+            del first  # free its graph before any other pass
         return self.engine.gradients(self.x, self.target, self.sample_index, layers=layers, guided=guided,
                                      input_gradient=input_gradient)
 
@@ -367,6 +424,7 @@ class Run:
 
     def drop_first_pass(self) -> None:
         """Free the kept first pass (its graph) if no gradient request used it yet."""
+        self.start()  # a run of the explained input has its first forward (and its target) before any other
         self._input.first = None
 
     def scores_at_x(self) -> Tensor:
@@ -405,8 +463,14 @@ class Run:
         """The modules in the order they run on ``x``, with output shapes: the first forward's, else one traced
         forward of one row (computed once per input)."""
         if self._input.trace is None:
+            self.start(trace=True)  # if the first forward has not run yet, it records the trace
+        if self._input.trace is None:
             self._input.trace = self.engine.trace(self.x)
         return self._input.trace
+
+    def has_trace(self) -> bool:
+        """True if the trace is at hand (costs no forward)."""
+        return self._input.trace is not None
 
     def resolved(self, key: Any, resolve: Callable[[], nn.Module]) -> nn.Module:
         """``resolve()``, computed once per input and ``key`` (e.g. a Grad-CAM layer option)."""
@@ -417,7 +481,7 @@ class Run:
     # -- explaining --------------------------------------------------------------------
     def explain(self, methods: Sequence[Method]) -> Explanation:
         """Run ``methods`` on this run in turn, sharing passes; maps and extras on the CPU."""
-        if self.output is None:
+        if self.derived:
             raise ValueError("explain the run of an input (from open_run), not one of derived rows")
         self.share(methods)
         maps: dict[str, Tensor] = {}
@@ -432,7 +496,7 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds[m.name] = time.perf_counter() - start
-            maps[m.name] = result.map.detach().to("cpu", torch.float32)
+            maps[m.name] = result.map.detach().to("cpu", torch.float32).contiguous()
             extras[m.name] = result.extras
         self.drop_first_pass()
         return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
@@ -452,12 +516,13 @@ def _first_conv_channels(model: nn.Module) -> int | None:
     return None
 
 
-def _first_forward(engine: Engine, x: Tensor) -> tuple[Tensor, RecordedPass | None]:
-    """The model's output at ``x``, recorded with its graph when ``x`` fits one pass (never under sliding
-    windows: the graph would span the whole volume)."""
+def _first_forward(engine: Engine, x: Tensor, keep: bool, **record) -> tuple[Tensor, RecordedPass | None]:
+    """The model's output at ``x``; with ``keep``, recorded with its graph when ``x`` fits one pass
+    (``record``: what :meth:`Engine.record` keeps; never under sliding windows: the graph would
+    span the whole volume)."""
     try:
-        if not engine.scripted and engine.sliding_window is None and engine.fits_one_pass(x):
-            first = engine.record(x)
+        if keep and not engine.scripted and engine.sliding_window is None and engine.fits_one_pass(x):
+            first = engine.record(x, **record)
             return first.output.detach(), first
         return engine.forward(x), None
     except (MemoryBudgetError, ModelOutputError):
@@ -482,10 +547,9 @@ def _bind(target, output: Tensor) -> BoundTarget:
 
 
 @contextlib.contextmanager
-def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int | None = None,
-             memory_budget: int | str | None = None, progress: bool = False, seed: int = 0,
-             output_key=None,
-             sliding_window: SlidingWindow | dict | None = None) -> Iterator[Run]:
+def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | None = None, device=None,
+             batch_size: int | None = None, memory_budget: int | str | None = None, progress: bool = False,
+             seed: int = 0, output_key=None, sliding_window: SlidingWindow | dict | None = None) -> Iterator[Run]:
     """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
 
     Args:
@@ -493,6 +557,9 @@ def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int |
         x: input (B, C, *spatial), 1 to 3 spatial dimensions (checked by :func:`check_input`).
         target: what to explain (as for :func:`voxplain.explain`), or a function that takes
             the model's output at ``x`` and returns it (to choose it from the prediction).
+        methods: the methods about to run, if known: declared before the first forward
+            (:meth:`Run.share`), which then keeps only what they can take from it; without
+            them it keeps everything (trace, every module's output, guided activations).
         device, batch_size, memory_budget, progress, seed, output_key,
             sliding_window: as for :func:`voxplain.explain`.
     """
@@ -501,13 +568,12 @@ def open_run(model: nn.Module, x, target=None, *, device=None, batch_size: int |
     if not (callable(target) and not isinstance(target, Target)):
         target = as_target(target)
     with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                progress=progress, output_key=output_key,
-                sliding_window=window) as engine:
-        xd = x.to(engine.device)
-        output, first = _first_forward(engine, xd)
-        state = _InputState(first, first.trace if first is not None else None)
-        run = Run(engine, xd, _bind(target, output), None, seed, output, _input=state)
+                progress=progress, output_key=output_key, sliding_window=window) as engine:
+        run = Run(engine, x.to(engine.device), target, None, seed)
         try:
+            if methods is not None:
+                run.share(methods)
+            run.start()
             yield run
         finally:
             run.close()

@@ -64,6 +64,11 @@ class Method:
         """True if the method reads the plain dF/dx at ``run.x`` (the shared plain pass)."""
         return False
 
+    def guided_input_gradient(self) -> str | None:
+        """The activation set (see :data:`voxplain.hooks.GUIDED_SETS`) of the guided dF/dx at ``run.x``
+        this method reads (the shared guided pass), or None."""
+        return None
+
     def attribute(self, run: "Run") -> Attribution:
         """The attribution of ``run.x``: the map and the method's extras."""
         raise NotImplementedError
@@ -91,5 +96,5 @@ class Method:
         (device, batch_size, memory_budget, progress, seed). Returns the CPU float32 map."""
         from ..run import open_run  # the entry point's setup; methods otherwise only receive runs
 
-        with open_run(model, x, target, **kwargs) as run:
+        with open_run(model, x, target, methods=[self], **kwargs) as run:
             return run.explain([self]).maps[self.name]

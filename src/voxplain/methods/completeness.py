@@ -52,7 +52,7 @@ def _samples(indices: list[int]) -> str:
     return shown + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
 
 
-def _causes(model: nn.Module, steps: int, rule: str | None) -> str:
+def _causes(model: nn.Module, steps: int, rule: str | None, capped: bool = False) -> str:
     causes = []
     norms = Counter(type(m).__name__ for m in model.modules() if isinstance(m, SCALE_CANCELLING_NORMS))
     if norms:
@@ -63,16 +63,20 @@ def _causes(model: nn.Module, steps: int, rule: str | None) -> str:
     if rule in _ENDPOINT_RULES:
         causes.append(f"rule {rule!r} takes the gradient at the baseline itself, where it can be extreme "
                       "(use 'gausslegendre')")
-    causes.append(f"too few steps ({steps}; try {4 * steps})")
+    if capped:
+        causes.append(f"too few steps: steps='auto' stopped at its cap of {steps} (raise max_steps)")
+    else:
+        causes.append(f"too few steps ({steps}; try {4 * steps})")
     return "; or ".join(causes)
 
 
 def report_completeness(result: Attribution, run: "Run", attribution: Tensor, score_baseline: Tensor, *,
                         method: str, steps: int, rule: str | None = None,
-                        tolerance: float = TOLERANCE) -> dict[str, Any]:
+                        tolerance: float = TOLERANCE, capped: bool = False) -> dict[str, Any]:
     """Put the completeness of ``attribution`` in ``result.extras["completeness"]``; warn above ``tolerance``.
 
     ``score_baseline`` is F at the path's start, per row of ``run.x``; F(x) comes from the run.
+    ``capped``: ``steps`` was the cap of an automatic step count (the warning says so).
     """
     score_x = run.scores_at_x()
     info = completeness(attribution, score_x, score_baseline)
@@ -91,8 +95,8 @@ def report_completeness(result: Attribution, run: "Run", attribution: Tensor, sc
                     RuntimeWarning)
     if real:
         i = max(real, key=lambda k: info["error"][k])
-        result.warn(f"{method}: completeness error {info['error'][i]:.1%} > {tolerance:.0%} for sample(s) "
+        result.warn(f"{method}: completeness error {info['error'][i]:.1%} > {100 * tolerance:g}% for sample(s) "
                     f"{_samples(real)} (worst: the map sums to {info['attribution_sum'][i]:.4g}, F(x) - F(baseline) "
-                    f"= {info['score_difference'][i]:.4g}); likely cause: {_causes(run.model, steps, rule)}",
+                    f"= {info['score_difference'][i]:.4g}); likely cause: {_causes(run.model, steps, rule, capped)}",
                     RuntimeWarning)
     return info

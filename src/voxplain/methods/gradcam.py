@@ -63,18 +63,31 @@ class _LayerOption:
 
     def cam(self, run: "Run") -> Tensor:
         """Upsampled Grad-CAM (N, 1, *spatial) for ``run`` (blended per-window CAMs under sliding windows)."""
+        module = self.cam_layer(run)
         if run.sliding_window is not None:
-            return run.layer_map(self.cam_layer(run))
-        activation, gradient = run.layer_gradients(self.cam_layer(run))
+            return run.layer_map(module)
+        try:
+            activation, gradient = run.layer_gradients(module)
+        except RuntimeError:  # the layer did not run, or ran twice: say so as the trace does
+            self._check(run, module)
+            raise
+        if activation.ndim != run.x.ndim or all(s == 1 for s in activation.shape[2:]):
+            self._check(run, module)
         return upsample_cam(cam_from_gradients(activation, gradient), run.x.shape[2:])
+
+    def _check(self, run: "Run", module: nn.Module) -> None:
+        check_cam_layer(run.trace(), module, run.trace_rows, self.layer if isinstance(self.layer, str) else None)
 
 
 def _resolve_cam_layer(run: "Run", layer: str | nn.Module | None) -> nn.Module:
-    trace = run.trace()
     if layer is None:
-        return default_cam_layer(run.engine, run.trace_rows, trace)
+        return default_cam_layer(run.engine, run.trace_rows, run.trace())
+    # A given layer is checked against the pass that reads it (:meth:`_LayerOption.cam`), or
+    # against the trace when there is one already (always under sliding windows, whose
+    # blended CAM has no single pass to check against): no traced forward just to check it.
     module = resolve_layer(run.model, layer)
-    check_cam_layer(trace, module, run.trace_rows, layer if isinstance(layer, str) else None)
+    if run.has_trace() or run.sliding_window is not None:
+        check_cam_layer(run.trace(), module, run.trace_rows, layer if isinstance(layer, str) else None)
     return module
 
 
@@ -119,6 +132,9 @@ class GuidedGradCAM(_LayerOption, Method):
     def __init__(self, layer: str | nn.Module | None = None, activations: str = "relu_family") -> None:
         self.layer = layer
         self.activations = check_activations(activations)
+
+    def guided_input_gradient(self) -> str | None:
+        return self.activations
 
     def attribute(self, run: "Run") -> Attribution:
         result = Attribution(run.input_gradients(guided=self.activations) * self.cam(run))

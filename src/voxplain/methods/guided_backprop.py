@@ -87,6 +87,9 @@ class GuidedBackprop(Method):
     def __init__(self, activations: str = "relu_family") -> None:
         self.activations = check_activations(activations)
 
+    def guided_input_gradient(self) -> str | None:
+        return self.activations
+
     def attribute(self, run: "Run") -> Attribution:
         result = Attribution(run.input_gradients(guided=self.activations))
         warn_unguided(result, run, self.activations, self.name)

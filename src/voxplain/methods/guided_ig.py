@@ -34,6 +34,8 @@ __all__ = ["GuidedIG", "guided_integrated_gradients"]
 
 # Tolerance (relative and absolute) for "the L1 distance has reached its target".
 _EPSILON = 1e-9
+# The largest finite float64: a threshold no finite |gradient| exceeds.
+_LARGEST = torch.finfo(torch.float64).max
 
 
 def _check_unit_interval(value, name: str) -> float:
@@ -72,65 +74,60 @@ def guided_integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "z
     x_in = run.x.detach().to(torch.float64).flatten(1)
     x_base = resolve_baseline(baseline, run.x, run.sample_index, run.n_samples).to(torch.float64).flatten(1)
     diff = x_in - x_base
-    moving = diff != 0
     l1_total = diff.abs().sum(dim=1)
     live = l1_total > 0  # a row equal to its baseline gets zero attribution
     n_features = x_in.shape[1]
     # numpy's quantile(..., method="lower") takes the element at floor((n - 1) * q).
     kth = math.floor((n_features - 1) * fraction) + 1
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=x_in.device)
 
     x = x_base.clone()
     attr = torch.zeros_like(x_in)
-    f0 = torch.empty(shape[0], dtype=torch.float64, device=x_in.device)
-    grad = torch.empty_like(x_in)
+    f0: Tensor | None = None
     bar = run.engine.progress_bar(steps, "guided_ig")
     try:
         for step in range(steps):
-            point = x.to(run.x.dtype).view(shape)
-            for chunk in run.row_chunks(1):
-                part = run.gradients(point[chunk.start:chunk.stop], chunk.owner)
-                grad[chunk.start:chunk.stop] = part.inputs.to(torch.float64).flatten(1)
-                if step == 0:
-                    f0[chunk.start:chunk.stop] = part.scores.to(torch.float64)
-            del point
+            grads = run.gradients(x.to(run.x.dtype).view(shape), run.sample_index)
+            grad = grads.inputs.to(torch.float64).flatten(1)
+            if f0 is None:
+                f0 = grads.scores.to(torch.float64)
+            del grads
             alpha = (step + 1.0) / steps
             alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
-            x_min = x_base + diff * alpha_min
-            x_max = x_base + diff * alpha_max
+            x_min = torch.add(x_base, diff, alpha=alpha_min)
+            x_max = torch.add(x_base, diff, alpha=alpha_max)
             l1_target = l1_total * (1 - (step + 1) / steps)
             x_start = x
-            # Features whose alpha fell behind alpha_min catch up to it. Later
-            # iterations of this step only move features forward, so once is enough.
-            x_alpha = torch.where(moving, (x - x_base) / torch.where(moving, diff, 1.0), alpha_max)
-            x = torch.where(live[:, None] & (x_alpha < alpha_min), x_min, x)
-            del x_alpha
+            # Features whose alpha fell behind alpha_min catch up to it (x - x_min points away
+            # from the input). Later iterations of this step only move features forward, so once is enough.
+            x = torch.where(((x - x_min) * diff < 0) & live[:, None], x_min, x)
             # |gradient| of the features still free to move; inf marks those that are not.
             magnitude = grad.abs()
             active = live
             while True:
-                l1_current = (x - x_in).abs().sum(dim=1)
+                l1_current = torch.linalg.vector_norm(x - x_in, ord=1, dim=1)
                 going = active & ~_isclose(l1_target, l1_current)
                 if not bool(going.any()):
                     break
                 # Move the fraction of free features with the smallest |gradient| toward x_max.
-                magnitude = torch.where(x == x_max, inf, magnitude)
+                magnitude.masked_fill_(x == x_max, math.inf)
                 threshold = magnitude.kthvalue(kth, dim=1).values
-                selected = going[:, None] & (magnitude <= threshold[:, None]) & (magnitude != inf)
-                l1_selected = ((x - x_max).abs() * selected).sum(dim=1)
+                # (a row whose threshold is inf has no finite feature below it: select none of the inf ones)
+                threshold = torch.where(going, threshold.clamp(max=_LARGEST), -math.inf)
+                selected = magnitude <= threshold[:, None]
+                gap = (x_max - x) * selected
+                l1_selected = torch.linalg.vector_norm(gap, ord=1, dim=1)
                 gamma = torch.where(l1_selected > 0, (l1_current - l1_target) / l1_selected.clamp_min(1e-300),
-                                    inf)
+                                    math.inf)
                 # gamma > 1: the selected features alone cannot close the gap, so they go
                 # all the way to x_max and the next fraction is selected; else part way.
                 jump = gamma > 1.0
-                partial = x + (x_max - x) * torch.where(jump, 0.0, gamma)[:, None]
-                x = torch.where(selected, torch.where(jump[:, None], x_max, partial), x)
+                x = torch.where(selected, torch.where(jump[:, None], x_max, torch.addcmul(x, gap, gamma[:, None])), x)
                 # The reference loops forever when nothing is left to move; stop instead.
                 active = going & jump & (l1_selected > 0)
                 if not bool(active.any()):
                     break
             # The gradient is fixed within a step, so the step's moves add up to one product.
-            attr += (x - x_start) * grad
+            attr.addcmul_(x - x_start, grad)
             bar.update(1)
     finally:
         bar.close()

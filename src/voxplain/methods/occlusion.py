@@ -12,7 +12,6 @@ together); this is Captum's ``Occlusion`` with ``sliding_window_shapes=(C, *wind
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -89,22 +88,42 @@ class Occlusion(Method):
         spatial = tuple(x.shape[2:])
         window, stride = self._geometry(spatial)
         baseline = self._baseline(x)
-        boxes = [tuple(slice(s, s + w) for s, w in zip(starts, window))
-                 for starts in itertools.product(*(window_starts(n, w, st)
-                                                   for n, w, st in zip(spatial, window, stride)))]
-        coverage = torch.zeros(spatial, device=x.device, dtype=x.dtype)
-        for box in boxes:
-            coverage[box] += 1
+        # The windows form a grid: window j is the product of one interval per axis, and
+        # ``covers[d][k, p]`` says whether the k-th interval of axis d covers position p.
+        covers = [_intervals(n, w, st, x.device) for n, w, st in zip(spatial, window, stride)]
+        grid = tuple(c.shape[0] for c in covers)
+        # windows covering each voxel: a product of per-axis counts
+        coverage = _outer([c.sum(dim=0).to(x.dtype) for c in covers])
         full = run.scores_at_x()
         total = torch.zeros((x.shape[0], 1, *spatial), device=x.device, dtype=x.dtype)
-        # Rows are (sample, window) pairs, sample-major.
-        for chunk in run.row_chunks(len(boxes), backward=False, desc="occlusion"):
-            samples, windows = chunk.sample.tolist(), chunk.step.tolist()
-            rows = x[chunk.sample]
-            for r, (i, j) in enumerate(zip(samples, windows)):
-                rows[(r, slice(None), *boxes[j])] = baseline[(i, slice(None), *boxes[j])]
+        # Rows are (sample, window) pairs, sample-major; each chunk is built and summed at once.
+        for chunk in run.row_chunks(math.prod(grid), backward=False, desc="occlusion"):
+            per_axis = [c[k] for c, k in zip(covers, torch.unravel_index(chunk.step, grid))]  # (n, size_d) each
+            inside = _outer(per_axis, batched=True).unsqueeze(1)  # (n, 1, *spatial)
+            rows = torch.where(inside, baseline[chunk.sample], x[chunk.sample])
+            del inside
             drop = full[chunk.sample] - run.scores(rows, chunk.owner)
             del rows
-            for r, (i, j) in enumerate(zip(samples, windows)):
-                total[(i, 0, *boxes[j])] += drop[r]
+            offset = 0
+            for r, lo, hi in chunk.runs:  # each sample's rows: sum_j drop_j * window_j
+                part = slice(offset, offset + hi - lo)
+                total[r, 0] += _outer([drop[part, None] * per_axis[0][part].to(x.dtype)]
+                                      + [p[part].to(x.dtype) for p in per_axis[1:]], batched=True).sum(dim=0)
+                offset += hi - lo
         return Attribution((total / coverage).expand_as(x).clone())
+
+
+def _intervals(size: int, window: int, stride: int, device) -> Tensor:
+    """(windows, size) boolean: which positions of an axis each window start covers (cut at the border)."""
+    starts = torch.tensor(window_starts(size, window, stride), device=device)
+    pos = torch.arange(size, device=device)
+    return (pos[None] >= starts[:, None]) & (pos[None] < starts[:, None] + window)
+
+
+def _outer(vectors: list[Tensor], batched: bool = False) -> Tensor:
+    """The outer product of one vector per axis, (*sizes); with ``batched``, one per row: (n, *sizes)."""
+    lead = 1 if batched else 0
+    out = vectors[0]
+    for v in vectors[1:]:
+        out = out.unsqueeze(-1) * v.view(*v.shape[:lead], *([1] * (out.ndim - lead)), v.shape[-1])
+    return out

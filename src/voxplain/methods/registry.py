@@ -59,6 +59,8 @@ def method_class(name: str) -> type["Method"]:
 
 def option_names(cls: type["Method"]) -> list[str]:
     """The option names a method class accepts (its keyword arguments)."""
+    if cls.__init__ is object.__init__:  # no options (and no signature to read from a builtin)
+        return []
     params = inspect.signature(cls.__init__).parameters
     return [p.name for p in params.values()
             if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -84,6 +84,9 @@ class SmoothGrad(Method):
     def shares_input_gradient(self) -> bool:
         return self.noise_level == 0 and self.base.shares_input_gradient()
 
+    def guided_input_gradient(self) -> str | None:
+        return self.base.guided_input_gradient() if self.noise_level == 0 else None
+
     def attribute(self, run: "Run") -> Attribution:
         if self.noise_level == 0:
             base = self.base.attribute(run)
@@ -98,9 +101,11 @@ class SmoothGrad(Method):
         warned: list[str] = []
         for chunk in run.row_chunks(self.samples, desc=self.name):
             # Rows are sample-major: row k is copy k % samples of sample k // samples.
-            noise = torch.stack([torch.randn(row_shape, generator=generator)
-                                 for _ in range(len(chunk))]).to(x.device, x.dtype)
-            noisy = x[chunk.sample] + sigma[chunk.sample].view(-1, *([1] * len(row_shape))) * noise
+            noise = torch.empty((len(chunk), *row_shape))
+            for k in range(len(chunk)):
+                torch.randn(row_shape, generator=generator, out=noise[k])
+            noisy = noise.to(x.device, x.dtype).mul_(sigma[chunk.sample].view(-1, *([1] * len(row_shape))))
+            noisy += x[chunk.sample]
             del noise
             result = self.base.attribute(run.at(noisy, chunk.owner))
             del noisy

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from .base import Attribution, Method
 from .completeness import report_completeness
-from .integrated_gradients import check_steps, integrated_gradients
+from .integrated_gradients import (AUTO_TOLERANCE, auto_integrated_gradients, check_steps, check_tolerance,
+                                   integrated_gradients)
 from .registry import create_method, register
 from .segments import (FELZENSZWALB_SCALES, FELZENSZWALB_SIZE, SLIC_COMPACTNESS, SLIC_N_SEGMENTS, SLIC_SIZE,
                        RegionSet, felzenszwalb_regions, regions_from_segments, slic_regions)
@@ -157,7 +158,11 @@ class XRAI(Method):
             averaged over the sample's min and max baselines, or a registered
             method name (its map is reduced over channels by max).
         base_options: options of ``base`` when given by name.
-        steps: integration steps of the default IG base.
+        steps: integration steps of the default IG base (Gauss-Legendre), or ``"auto"`` (default): for
+            each baseline, the fewest of 4, 8, 16, ... steps whose completeness error is at most
+            ``tolerance`` (see :class:`~voxplain.methods.integrated_gradients.IntegratedGradients`);
+            ``steps=100`` is PAIR's step count.
+        tolerance: with ``steps="auto"``, the relative completeness error each base IG reaches.
         base_attribution: a precomputed base map instead: shape (B, C, *spatial),
             (B, 1, *spatial), (C, *spatial) or (*spatial).
         segments: precomputed candidate regions instead of the automatic ones: an
@@ -186,10 +191,11 @@ class XRAI(Method):
     single_channel = True
 
     def __init__(self, base: str | Method | None = None, base_options: dict[str, Any] | None = None,
-                 steps: int = 100, base_attribution=None, segments=None, algorithm: str = "full",
+                 steps: int | str = "auto", base_attribution=None, segments=None, algorithm: str = "full",
                  area_threshold: float = 1.0, min_pixel_diff: int = 50, dilation_radius: int | None = None,
                  segment_size: int | None = None, scales: Sequence[float] = FELZENSZWALB_SCALES,
-                 n_segments: Sequence[int] = SLIC_N_SEGMENTS, compactness: float = SLIC_COMPACTNESS) -> None:
+                 n_segments: Sequence[int] = SLIC_N_SEGMENTS, compactness: float = SLIC_COMPACTNESS,
+                 tolerance: float = AUTO_TOLERANCE) -> None:
         if isinstance(base, str):
             self.base = create_method(base, base_options)
         elif base is None or isinstance(base, Method):
@@ -199,7 +205,12 @@ class XRAI(Method):
         else:
             raise TypeError(f"xrai base must be a method name or None, got {type(base).__name__}")
         self.base_options = base_options
-        self.steps = check_steps(steps)
+        if steps != "auto":
+            if isinstance(steps, str):
+                raise ValueError(f"xrai steps must be an int >= 1 or 'auto', got {steps!r}")
+            steps = check_steps(steps)
+        self.steps = steps
+        self.tolerance = check_tolerance(tolerance)
         self.base_attribution = base_attribution
         self.segments = segments
         if algorithm not in ("full", "fast"):
@@ -232,6 +243,11 @@ class XRAI(Method):
     def shares_input_gradient(self) -> bool:
         return self.base is not None and self.base_attribution is None and self.base.shares_input_gradient()
 
+    def guided_input_gradient(self) -> str | None:
+        if self.base is None or self.base_attribution is not None:
+            return None
+        return self.base.guided_input_gradient()
+
     def options(self) -> dict[str, Any]:
         out = super().options()
         if self.segments is not None:
@@ -254,14 +270,24 @@ class XRAI(Method):
             extras.update({k: v for k, v in base.extras.items() if k in ("completeness", "warnings")})
         else:  # PAIR's default: IG from a black and a white image, averaged
             check = not run.derived
-            low, f_low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min", baseline_scores=check)
-            high, f_high = integrated_gradients(run, "max", self.steps, desc="xrai: IG from max",
-                                                baseline_scores=check)
+            if self.steps == "auto":
+                low, f_low, used_low, _ = auto_integrated_gradients(run, "min", tolerance=self.tolerance,
+                                                                    desc="xrai: IG from min")
+                high, f_high, used_high, _ = auto_integrated_gradients(run, "max", tolerance=self.tolerance,
+                                                                       desc="xrai: IG from max")
+                extras["steps_used"] = {"min": used_low, "max": used_high}
+                steps = max(used_low + used_high)
+            else:
+                low, f_low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min",
+                                                  baseline_scores=check)
+                high, f_high = integrated_gradients(run, "max", self.steps, desc="xrai: IG from max",
+                                                    baseline_scores=check)
+                steps = self.steps
             attr = (low + high) / 2
             if check:  # sums are linear: the average map against the average score difference
                 checked = Attribution(attr)
                 report_completeness(checked, run, attr, (f_low + f_high) / 2, method="xrai (base IG)",
-                                    steps=self.steps, rule="gausslegendre")
+                                    steps=steps, rule="gausslegendre")
                 extras.update(checked.extras)
         return attr.amax(dim=1)
 

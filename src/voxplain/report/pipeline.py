@@ -140,9 +140,9 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     prepared = prepare_case(case, loaded.model, loaded.config, normalise, size, centre, grid)
     method_objs = create_methods(methods, options)
     explanations = {}
-    with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name, seed=seed,
-                   progress=progress, batch_size=batch_size, memory_budget=memory_budget,
-                   sliding_window=grid.sliding_window) as (first, choices):
+    with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name,
+                   methods=method_objs, seed=seed, progress=progress, batch_size=batch_size,
+                   memory_budget=memory_budget, sliding_window=grid.sliding_window) as (first, choices):
         output = first.output.cpu()
         explainable = [c for c in choices if c.target is not None]
         for i, choice in enumerate(explainable):

@@ -73,10 +73,17 @@ def prediction_summary(output: torch.Tensor, sample: int = 0, class_names: list[
 
 
 def methods_summary(explanation) -> dict[str, Any]:
-    """Per method: its options and run time in seconds, from an :class:`~voxplain.Explanation`."""
-    return {name: {"options": jsonable(explanation.options.get(name, {})),
-                   "seconds": round(float(explanation.seconds.get(name, float("nan"))), 4)}
-            for name in explanation.maps}
+    """Per method: its options and run time in seconds, from an :class:`~voxplain.Explanation`;
+    with ``steps="auto"``, also the step counts chosen (``steps_used``, per sample)."""
+    summary = {}
+    for name in explanation.maps:
+        entry = {"options": jsonable(explanation.options.get(name, {})),
+                 "seconds": round(float(explanation.seconds.get(name, float("nan"))), 4)}
+        used = (explanation.extras.get(name) or {}).get("steps_used")
+        if used is not None:
+            entry["steps_used"] = jsonable(used)
+        summary[name] = entry
+    return summary
 
 
 def study_summary(study) -> dict[str, Any]:

@@ -1,0 +1,154 @@
+"""Memory layout of the engine's passes: channels-last gives the same maps, the model comes back as it came,
+and the layout trial keeps the faster layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tiny_models import classifier, segnet
+from voxplain import ClassTarget, Engine, SegmentationTarget, explain
+from voxplain.engine import ModelState
+from voxplain.layout import Layout
+from voxplain.methods import create_methods
+from voxplain.run import Run
+
+FAMILY = ["vanilla_gradient", "gradient_x_input", "guided_backprop", "gradcam", "guided_gradcam"]
+
+
+def _layouts(model: nn.Module) -> list[tuple[int, ...]]:
+    return [t.stride() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def _explain_with(model, x, target, methods, options=None, channels_last=None):
+    """``explain`` on an engine with the layout forced (or measured, with None)."""
+    objs = create_methods(methods, options)
+    with Engine(model, channels_last=channels_last) as engine:
+        run = Run(engine, x, target)
+        run.share(objs)
+        return run.explain(objs).maps, engine
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_gives_the_same_maps(dims):
+    model = classifier(dims=dims, seed=3)
+    x = torch.randn(2, 2, *([10] * dims))
+    methods = FAMILY + ["integrated_gradients", "smoothgrad", "occlusion"]
+    options = {"integrated_gradients": {"steps": 6}, "smoothgrad": {"samples": 3}, "occlusion": {"window": 4}}
+    before = _layouts(model)
+    plain, _ = _explain_with(model, x, ClassTarget([0, 2]), methods, options, channels_last=False)
+    last, engine = _explain_with(model, x, ClassTarget([0, 2]), methods, options, channels_last=True)
+    assert set(engine.layout.chosen.values()) == {torch.channels_last if dims == 2 else torch.channels_last_3d}
+    for name in methods:
+        torch.testing.assert_close(last[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert last[name].is_contiguous(), name  # maps come back in the input's (channels-first) layout
+    assert _layouts(model) == before
+
+
+def test_segmentation_net_channels_last():
+    net = segnet(dims=3)
+    x = torch.randn(1, 2, 8, 8, 8)
+    plain, _ = _explain_with(net, x, SegmentationTarget(1), ["vanilla_gradient", "gradcam"], channels_last=False)
+    last, _ = _explain_with(net, x, SegmentationTarget(1), ["vanilla_gradient", "gradcam"], channels_last=True)
+    for name in plain:
+        torch.testing.assert_close(last[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_model_state_restores_the_memory_layout_of_every_tensor():
+    model = classifier(dims=2)
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    # a parameter the user keeps channels-last stays so; the others come back contiguous
+    model[4].weight.data = model[4].weight.data.contiguous(memory_format=torch.channels_last)
+    before = _layouts(model) + [model[0].weight.grad.stride()]
+    values = [t.clone() for t in model.state_dict().values()]
+    state = ModelState(model)
+    model.to(memory_format=torch.channels_last)
+    model[0].weight.grad = model[0].weight.grad.contiguous(memory_format=torch.channels_last)
+    assert _layouts(model) != before[:-1]
+    state.restore()
+    assert _layouts(model) + [model[0].weight.grad.stride()] == before
+    for a, b in zip(values, model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_model_comes_back_as_it_came_after_an_error_in_channels_last():
+    model = classifier(dims=2)
+    before = _layouts(model)
+    params = list(model.parameters())
+    with pytest.raises(RuntimeError, match="boom"):
+        with Engine(model, channels_last=True) as engine:
+            engine.layout.chosen[((2, 8, 8), True)] = torch.channels_last
+            engine.gradients(torch.randn(1, 2, 8, 8), ClassTarget(0).bind(torch.zeros(1, 3)), torch.arange(1))
+            assert _layouts(model) != before
+            raise RuntimeError("boom")
+    assert _layouts(model) == before and list(model.parameters()) == params  # same Parameter objects
+
+
+class _Clock:
+    """A clock that advances by the given seconds per reading pair (start, end of a piece of work)."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.reads = list(durations), 0.0, 0
+
+    def __call__(self):
+        if self.reads % 2 == 1:
+            self.now += self.durations.pop(0)
+        self.reads += 1
+        return self.now
+
+
+@pytest.mark.parametrize("durations, expected", [
+    ([1.0, 1.2, 1.0, 0.5], torch.channels_last),  # channels-last clearly faster after warm-up
+    ([1.0, 0.5, 1.0, 0.95], None),  # within the margin: keep the layout the model came in
+    ([0.001], None),  # too quick to time: no trial at all
+])
+def test_the_trial_keeps_the_faster_layout(monkeypatch, durations, expected):
+    model = classifier(dims=2)
+    with Engine(model) as engine:
+        layout: Layout = engine.layout
+        monkeypatch.setattr(layout, "_clock", _Clock(durations + [1.0] * 10))
+        seen = []
+        for item in layout.over(range(8), (2, 8, 8), True, 8, lambda _: 1):
+            seen.append(layout.chosen.get(((2, 8, 8), True), "undecided"))
+        assert layout.chosen[((2, 8, 8), True)] is expected
+    if expected is torch.channels_last:  # the trial alternated, then kept the winner
+        assert seen[:4] == [None, torch.channels_last, None, torch.channels_last]
+        assert seen[4:] == [torch.channels_last] * 4
+
+
+def test_the_choice_is_remembered_for_the_model(monkeypatch):
+    # each explain() opens an engine: a later one on the same model must not measure again
+    model = classifier(dims=2)
+    with Engine(model) as engine:
+        monkeypatch.setattr(engine.layout, "_clock", _Clock([1.0, 1.2, 1.0, 0.5] + [1.0] * 10))
+        list(engine.layout.over(range(8), (2, 8, 8), True, 8, lambda _: 1))
+    with Engine(model) as again:
+        assert again.layout.chosen[((2, 8, 8), True)] is torch.channels_last
+        assert not again.layout.wants_trial((2, 8, 8), True, 1 << 40)
+        seen = [again.layout.chosen[((2, 8, 8), True)] for _ in again.layout.over(range(8), (2, 8, 8), True, 8,
+                                                                                   lambda _: 1)]
+        assert seen == [torch.channels_last] * 8  # no alternation: no trial
+    with Engine(classifier(dims=2)) as other:  # another model measures for itself
+        assert ((2, 8, 8), True) not in other.layout.chosen
+    with Engine(model, channels_last=False) as forced:  # a forced layout ignores what was measured
+        assert ((2, 8, 8), True) not in forced.layout.chosen
+
+
+def test_no_trial_on_short_work_or_without_convolutions():
+    with Engine(classifier(dims=2)) as engine:
+        assert list(engine.layout.over(range(3), (2, 8, 8), True, 3, lambda _: 1)) == [0, 1, 2]
+        assert ((2, 8, 8), True) not in engine.layout.chosen  # undecided: too little work to measure
+        assert engine.layout.candidate((2, 8)) is None  # 1D rows: no channels-last format
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
+    with Engine(mlp) as engine:
+        assert engine.layout.candidate((2, 8, 8)) is None  # no 2D convolution to gain from it
+
+
+def test_tiny_models_are_never_timed():
+    # tests and tiny models stay deterministic: their passes are far below the trial's minimum
+    model = classifier(dims=2)
+    x = torch.randn(1, 2, 12, 12)
+    a = explain(model, x, 0, ["integrated_gradients"], {"integrated_gradients": {"steps": 64}})
+    b = explain(model, x, 0, ["integrated_gradients"], {"integrated_gradients": {"steps": 64}})
+    assert torch.equal(a["integrated_gradients"], b["integrated_gradients"])
