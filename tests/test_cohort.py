@@ -285,6 +285,44 @@ def test_evaluate_on_the_cluster_gives_the_same_metrics(tmp_path, cluster, cohor
     assert len(per_case["cases"]) == CASES
 
 
+def test_model_grid_and_random_weights_flow_through_the_cluster_as_in_one_process(tmp_path, cluster, cohort):
+    """--spacing resamples every case on the workers and --random-weights reaches them (and the red alert)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("PHANTOM_001", "PHANTOM_002"):
+        shutil.copytree(cohort / name, small / name)
+    for table in cohort.glob("*.*"):  # subjects.csv (the grades), cohort.json
+        shutil.copy(table, small / table.name)
+    (tmp_path / "factory.py").write_text(
+        "import torch\nfrom voxplain.models import build_model\n\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return build_model('classifier3d', in_channels=4, num_classes=2, blocks=2, base_width=4)\n")
+    spec = f"{tmp_path / 'factory.py'}:make"
+    extra = ["--random-weights", "--spacing", "4"]
+    assert _explain(spec, small, tmp_path / "dask", "--scheduler", cluster.address, *extra) == 0
+    assert _explain(spec, small, tmp_path / "one", *extra) == 0
+    summaries = _summaries(tmp_path / "dask")
+    assert len(summaries) == 2
+    for name, s in summaries.items():
+        assert s["settings"]["random_weights"] is True
+        assert s["settings"]["model_grid"]["spacing_mm"] == [4.0, 4.0, 4.0]
+        assert s["settings"]["model_grid"]["from"]["spacing"] == "command line"
+        assert "RANDOM WEIGHTS" in (tmp_path / "dask" / name / "report.html").read_text()
+        one = json.loads((tmp_path / "one" / name / "summary.json").read_text())
+        assert _provenance_aside(s) == _provenance_aside(one)
+    # other grid settings are other results: the cases are redone
+    before = {n: s["settings"]["cohort"]["fingerprint"] for n, s in summaries.items()}
+    assert _explain(spec, small, tmp_path / "dask", "--scheduler", cluster.address, "--random-weights",
+                    "--spacing", "5") == 0
+    assert all(s["settings"]["cohort"]["fingerprint"] != before[n] for n, s in _summaries(tmp_path / "dask").items())
+
+    args = ["evaluate", "--model", spec, "--data", str(small), "--methods", "vanilla_gradient", "--steps", "4",
+            "--metrics", "faithfulness,localisation,randomisation", "--quiet", *extra]
+    assert main([*args, "--out", str(tmp_path / "e1")]) == 0
+    assert main([*args, "--out", str(tmp_path / "e2"), "--scheduler", cluster.address]) == 0
+    for name in ("metrics.json", "metrics_per_case.json", "randomisation.json"):
+        assert (tmp_path / "e1" / name).read_bytes() == (tmp_path / "e2" / name).read_bytes(), name
+
+
 def test_cluster_options_refuse_what_they_cannot_run(tmp_path, cohort, model, capsys):
     code = _explain(model, cohort / "PHANTOM_001", tmp_path / "o", "--workers", "2")
     assert code == 2 and "single case" in capsys.readouterr().err
