@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -442,3 +443,48 @@ def test_path_methods_alone_take_no_graph_at_the_input_and_no_size_forward():
     finally:
         handle.remove()
     assert calls == [(1, False), (4, True)]
+
+
+def test_auto_steps_with_the_nested_rule_reuse_every_gradient():
+    from voxplain import explain_detailed
+    from voxplain.methods.completeness import completeness
+
+    model = classifier(dims=2, seed=4)
+    x = torch.randn(3, 2, 12, 12, generator=torch.Generator().manual_seed(4))
+    tolerance = 0.003
+    out = explain_detailed(model, x, 1, ["integrated_gradients"],
+                           {"integrated_gradients": {"steps": "auto", "rule": "nested", "tolerance": tolerance}})
+    extras, got = out.extras["integrated_gradients"], out.maps["integrated_gradients"]
+    with torch.no_grad():
+        fx, f0 = model.eval()(x)[:, 1], model(torch.zeros_like(x))[:, 1]
+    for i, used in enumerate(extras["steps_used"]):
+        assert used in (3, 7, 15, 31, 63, 127, 255)
+        assert extras["passes"][i] == used  # each doubling evaluated only the new points
+        # the same steps with a fixed count give the same map, and every smaller doubling misses the tolerance
+        fixed = explain(model, x[i:i + 1], 1, ["integrated_gradients"],
+                        {"integrated_gradients": {"steps": used, "rule": "nested"}})["integrated_gradients"]
+        torch.testing.assert_close(got[i:i + 1], fixed, rtol=1e-5, atol=1e-7)
+        assert extras["completeness"]["error"][i] <= tolerance or used == 255
+        n = (used - 1) // 2
+        while n >= 3:
+            smaller = explain(model, x[i:i + 1], 1, ["integrated_gradients"],
+                              {"integrated_gradients": {"steps": n, "rule": "nested"}})["integrated_gradients"]
+            assert completeness(smaller, fx[i:i + 1], f0[i:i + 1])["error"][0] > tolerance
+            n = (n - 1) // 2
+    # Gauss-Legendre's doublings cannot reuse points: every step count tried is paid for
+    gl = explain_detailed(model, x, 1, ["integrated_gradients"],
+                          {"integrated_gradients": {"steps": "auto", "tolerance": tolerance}}).extras
+    for used, passes in zip(gl["integrated_gradients"]["steps_used"], gl["integrated_gradients"]["passes"]):
+        assert passes == sum(4 * 2 ** k for k in range(8) if 4 * 2 ** k <= used)
+
+
+def test_nested_rule_integrates_smooth_functions_to_high_order():
+    from voxplain.methods.integrated_gradients import quadrature
+
+    for steps, limit in ((7, 1e-5), (15, 1e-7)):
+        alphas, weights = quadrature("nested", steps)
+        assert 0 < alphas[0] and alphas[-1] < 1 and abs(sum(weights) - 1) < 1e-12
+        assert abs(sum(w * math.exp(a) for a, w in zip(alphas, weights)) - (math.e - 1)) < limit
+    # the points of 2 * (steps + 1) - 1 steps include those of steps
+    coarse, fine = quadrature("nested", 7)[0], quadrature("nested", 15)[0]
+    assert all(min(abs(c - f) for f in fine) < 1e-12 for c in coarse)

@@ -14,6 +14,7 @@ import itertools
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,10 @@ _REAL_PROBE_FACTOR = 64
 # On a CPU, passes are cut to about this much memory each (a size estimate as the budget's):
 # measured on conv nets, larger passes run slower per row (memory traffic), smaller ones no faster.
 _CPU_PASS_BYTES = 512 * 1024**2
+#: Row-size estimates measured per model: model -> {size setting: {row shape: bytes}}. Weak, so an
+#: entry goes with its model; later engines on the same model (each explain() call opens one) reuse
+#: them instead of running the model on a row again to size it. Sizes only, never tensors.
+_ROW_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
           "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
           "TIB": 1024**4}
@@ -84,10 +89,22 @@ class ModelState:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.training = [(m, m.training) for m in model.modules()]
-        self.params = list(model.parameters())
+        modules = list(model.modules())
+        self.training = [(m, m.training) for m in modules]
+        # one walk over the modules (as parameters() and buffers() would take them: in module
+        # order, each tensor once), rather than three: this runs on every explain() call
+        params: dict[int, Tensor] = {}
+        buffers: dict[int, Tensor] = {}
+        for m in modules:
+            for p in m._parameters.values():
+                if p is not None:
+                    params.setdefault(id(p), p)
+            for b in m._buffers.values():
+                if b is not None:
+                    buffers.setdefault(id(b), b)
+        self.params = list(params.values())
         self.requires_grad = [p.requires_grad for p in self.params]
-        self.tensors = self.params + list(model.buffers())
+        self.tensors = self.params + list(buffers.values())
         self.devices = [t.device for t in self.tensors]
         self.strides = [t.stride() for t in self.tensors]
         self.grad_strides = [(p, p.grad.stride()) for p in self.params if p.grad is not None]
@@ -275,6 +292,7 @@ class Engine:
                         p.requires_grad_(False)
                 if any(dev != self.device for dev in state.devices):
                     self.model.to(self.device)
+                self._share_row_bytes(state)
                 self.layout.attach()
             except BaseException:
                 state.restore()
@@ -282,6 +300,20 @@ class Engine:
                 raise
         self._depth += 1
         return self
+
+    def _share_row_bytes(self, state: ModelState) -> None:
+        """Use the row-size estimates earlier engines measured on this model, as long as nothing they
+        depend on changed: the device, the output selected, the parameters' and buffers' shapes and dtypes,
+        the module count."""
+        setting = (str(self.device), repr(self.output_key), self.scripted, len(state.training),
+                   tuple((tuple(t.shape), t.dtype) for t in state.tensors))
+        try:
+            shared = _ROW_BYTES.setdefault(self.model, {}).setdefault(setting, {})
+        except TypeError:  # a model that cannot be weakly referenced: estimates per engine
+            return
+        for shape, size in self._row_bytes.items():
+            shared.setdefault(shape, size)
+        self._row_bytes = shared
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
@@ -396,12 +428,21 @@ class Engine:
             step = math.ceil(n_rows / n_chunks)
             yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
             return
-        if self.batch_size is None and self.layout.wants_trial(row_shape, backward,
-                                                               n_rows * self._estimate_row_bytes(row_shape)):
-            n_chunks = max(n_chunks, min(n_rows, self.layout.trial_passes))
+        trial = self.layout.trial_passes
+        if (self.batch_size is None and n_chunks < trial <= n_rows
+                and len(range(0, n_rows, math.ceil(n_rows / trial))) >= trial
+                and self.layout.wants_trial(row_shape, backward, n_rows * self._estimate_row_bytes(row_shape))):
+            # cut into enough passes for the layout trial, only where that many passes come out of the
+            # cut: fewer run no trial (nothing is decided) and would only make every call slower
+            n_chunks = trial
         step = math.ceil(n_rows / n_chunks)
         slices = [slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
         yield from self.layout.over(slices, row_shape, backward, len(slices), lambda sl: sl.stop - sl.start)
+
+    def has_run_on(self, row_shape: Sequence[int]) -> bool:
+        """True if the model has run on rows of ``row_shape`` before (a size estimate for them exists,
+        on this engine or an earlier one on the same model: see :meth:`_share_row_bytes`)."""
+        return not self.scripted and tuple(row_shape) in self._row_bytes
 
     def fits_one_pass(self, x: Tensor) -> bool:
         """True if the rows ``x`` fit one forward/backward pass.

@@ -28,11 +28,17 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
     ``"completeness"`` (per sample ``error``, ``attribution_sum``, ``score_difference``);
     any method may report ``"warnings"``.
     """
+    return _explain(model, x, target, methods, options, device, batch_size, memory_budget, seed, progress,
+                    output_key, sliding_window, outputs=True)
+
+
+def _explain(model, x, target, methods, options, device, batch_size, memory_budget, seed, progress, output_key,
+             sliding_window, outputs: bool) -> Explanation:
     method_objs = create_methods(methods, options)
     with open_run(model, x, target, methods=method_objs, device=device, batch_size=batch_size,
                   memory_budget=memory_budget, progress=progress, seed=seed, output_key=output_key,
-                  sliding_window=sliding_window) as run:
-        return run.explain(method_objs)
+                  sliding_window=sliding_window, defer_forward=True) as run:
+        return run.explain(method_objs, outputs=outputs)
 
 
 def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | None = None,
@@ -73,8 +79,9 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
         ``{method name: map}``: CPU float32 maps of the input's shape
         ((B, 1, *spatial) for single-channel methods such as Grad-CAM).
     """
-    return explain_detailed(model, x, target, methods, options, device, batch_size, memory_budget,
-                            seed, progress, output_key, sliding_window).maps
+    # maps only: the model's output at x is not computed where no method needs it
+    return _explain(model, x, target, methods, options, device, batch_size, memory_budget,
+                    seed, progress, output_key, sliding_window, outputs=False).maps
 
 
 def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | nn.Module] | None = None,

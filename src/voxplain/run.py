@@ -149,6 +149,45 @@ class RowChunk:
             offset += hi - lo
 
 
+class _BindOnFirstOutput(BoundTarget):
+    """A target whose binding reads only the output's shape (:attr:`Target.binds_from_shape`), bound from
+    the first output it scores: a run of methods that take no gradient at the input itself (IG, SmoothGrad)
+    then needs no forward pass of its own at the input. Asked what it explains before any pass, it binds
+    to the model's output at the input (``output_at_x``, one forward)."""
+
+    def __init__(self, target: Target, batch: int, output_at_x: Callable[[], Tensor]) -> None:
+        self.target, self.batch, self.output_at_x = target, batch, output_at_x
+        self.bound: BoundTarget | None = None
+
+    def bind_to(self, output: Tensor) -> BoundTarget:
+        if self.bound is None:
+            # rows of the input's batch size with the output's shape: all that binding reads
+            self.bound = self.target.bind(output.detach()[:1].expand(self.batch, *output.shape[1:]))
+        return self.bound
+
+    def _bound(self) -> BoundTarget:
+        return self.bound if self.bound is not None else self.bind_to(self.output_at_x())
+
+    def score(self, output: Tensor, sample_index: Tensor) -> Tensor:
+        return self.bind_to(output).score(output, sample_index)
+
+    @property
+    def classes(self) -> Tensor:  # type: ignore[override]
+        return self._bound().classes
+
+    def describe(self) -> dict:
+        return self._bound().describe()
+
+    @property
+    def affine_in_output(self) -> bool:
+        return self._bound().affine_in_output
+
+    def __getattr__(self, name: str):
+        if name in ("target", "batch", "output_at_x", "bound"):  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self._bound(), name)
+
+
 class _InputState:
     """What one input gives every target explained on it: the first forward (its output, and the pass
     kept for the first gradient request), its trace, resolved layers."""
@@ -181,7 +220,7 @@ class Run:
 
     def __init__(self, engine: Engine, x: Tensor, target: BoundTarget | Target | Callable | None,
                  sample_index: Tensor | None = None, seed: int = 0, *, _input: _InputState | None = None,
-                 _parent: "Run | None" = None) -> None:
+                 _parent: "Run | None" = None, defer_forward: bool = False) -> None:
         self.engine = engine
         self.x = x
         self._target = target if isinstance(target, BoundTarget) else None
@@ -192,10 +231,14 @@ class Run:
         self.parent = _parent
         self._input = _input if _input is not None else _InputState()
         self._passes: dict[Any, Gradients] = {}
+        self._scores_x: Tensor | None = None  # F at x, from the backward of the first forward's own output
         self._declared = False
         self._shared_layers: list[nn.Module] = []
         self._shared_input_gradient = False
         self._shared_guided: set[str] = set()
+        # no forward at x of its own where the declared methods need none and the target binds
+        # without it (see start)
+        self._defer_forward = defer_forward
 
     # -- what it is ------------------------------------------------------------
     @property
@@ -204,6 +247,8 @@ class Run:
         if self.derived:
             return None
         self.start()
+        if self._input.output is None:  # deferred (see start): one forward now
+            self._input.output = _first_forward(self.engine, self.x, False)[0]
         return self._input.output
 
     @property
@@ -219,7 +264,9 @@ class Run:
         It keeps, for the first gradient request, its graph and what the methods declared so
         far need (:meth:`share`): the declared layers' outputs, the activations a guided
         pass needs when only guided passes were declared; the trace with ``trace`` or when
-        nothing was declared.
+        nothing was declared. On a run opened with ``defer_forward`` whose declared methods take
+        nothing from it (path methods), it waits (see :meth:`_can_defer_forward`): the target then
+        binds to the first output scored, and the output at x is computed only if asked for.
         """
         if self.derived:
             return
@@ -228,6 +275,10 @@ class Run:
             everything = not self._declared
             # declared methods that take no gradient at x (path methods) need only the output
             keep = everything or trace or bool(self._shared_input_gradient or self._shared_layers or self._shared_guided)
+            if not keep and self._can_defer_forward():
+                if self._target is None:
+                    self._target = _BindOnFirstOutput(self._unbound, int(self.x.shape[0]), lambda: self.output)
+                return
             state.output, state.first = _first_forward(
                 self.engine, self.x, keep, trace=trace or everything, layers=self._shared_layers,
                 guided=everything or (bool(self._shared_guided) and not self._shared_input_gradient),
@@ -236,6 +287,14 @@ class Run:
                 state.trace = state.first.trace
         if self._target is None:
             self._target = _bind(self._unbound, state.output)
+
+    def _can_defer_forward(self) -> bool:
+        """Whether the forward at x can wait until something asks for the output: asked for (explain()
+        gives maps only), a target that binds from the output's shape, no sliding window, and a model
+        already seen running on rows of this shape (so a model that cannot run on the input still
+        fails in the first forward, with its clear message)."""
+        return (self._defer_forward and isinstance(self._unbound, Target) and self._unbound.binds_from_shape
+                and self.engine.sliding_window is None and self.engine.has_run_on(tuple(self.x.shape[1:])))
 
     @property
     def device(self) -> torch.device:
@@ -391,6 +450,7 @@ class Run:
             grads = self.engine.backward_recorded(first, self.target, self.sample_index, layers=layers,
                                                   guided=guided, input_gradient=input_gradient)
             if grads is not None:
+                self._scores_x = grads.scores  # the target at the first forward's output: scores_at_x's values
                 return grads
             if self._shared_input_gradient and ("plain", ()) not in self._passes:
                 # It was kept for the declared plain pass, which comes later: serve that now, so
@@ -427,8 +487,18 @@ class Run:
         self.start()  # a run of the explained input has its first forward (and its target) before any other
         self._input.first = None
 
+    def scores_with_x(self, rows: Tensor, owner: Tensor) -> tuple[Tensor, Tensor]:
+        """F at other rows (no gradient) and F at the run's rows: in one forward over both when F(x) is not
+        at hand yet (e.g. a baseline's score and the input's for a completeness check)."""
+        if self.derived or self._scores_x is not None or self._input.output is not None:
+            return self.scores(rows, owner), self.scores_at_x()
+        both = self.scores(torch.cat([rows, self.x]), torch.cat([owner, self.sample_index]))
+        return both[:rows.shape[0]], both[rows.shape[0]:]
+
     def scores_at_x(self) -> Tensor:
         """F at the run's rows, per row: from the first forward's output, else one forward."""
+        if self._scores_x is not None:
+            return self._scores_x
         if self.output is not None:
             return self.target.score(self.output, self.sample_index)
         return self.scores(self.x, self.sample_index)
@@ -479,8 +549,12 @@ class Run:
         return self._input.layers[key]
 
     # -- explaining --------------------------------------------------------------------
-    def explain(self, methods: Sequence[Method]) -> Explanation:
-        """Run ``methods`` on this run in turn, sharing passes; maps and extras on the CPU."""
+    def explain(self, methods: Sequence[Method], outputs: bool = True) -> Explanation:
+        """Run ``methods`` on this run in turn, sharing passes; maps and extras on the CPU.
+
+        ``outputs=False`` leaves the model's output and the explained scores out (None) where no
+        method needed them (they may cost a forward pass of their own).
+        """
         if self.derived:
             raise ValueError("explain the run of an input (from open_run), not one of derived rows")
         self.share(methods)
@@ -499,6 +573,10 @@ class Run:
             maps[m.name] = result.map.detach().to("cpu", torch.float32).contiguous()
             extras[m.name] = result.extras
         self.drop_first_pass()
+        deferred = self._input.output is None and self._scores_x is None
+        if not outputs and deferred:
+            return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
+                               output=None, target=self.target.describe(), scores=None, extras=extras)
         return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
                            output=self.output.detach().cpu(), target=self.target.describe(),
                            scores=self.scores_at_x().detach().cpu(), extras=extras)
@@ -549,7 +627,8 @@ def _bind(target, output: Tensor) -> BoundTarget:
 @contextlib.contextmanager
 def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | None = None, device=None,
              batch_size: int | None = None, memory_budget: int | str | None = None, progress: bool = False,
-             seed: int = 0, output_key=None, sliding_window: SlidingWindow | dict | None = None) -> Iterator[Run]:
+             seed: int = 0, output_key=None, sliding_window: SlidingWindow | dict | None = None,
+             defer_forward: bool = False) -> Iterator[Run]:
     """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
 
     Args:
@@ -562,6 +641,8 @@ def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | No
             them it keeps everything (trace, every module's output, guided activations).
         device, batch_size, memory_budget, progress, seed, output_key,
             sliding_window: as for :func:`voxplain.explain`.
+        defer_forward: let the forward at ``x`` wait until something asks for the output (see
+            :meth:`Run.start`): for callers that may not need it (``explain()`` returns maps only).
     """
     x = check_input(x)
     window = as_sliding_window(sliding_window)
@@ -569,7 +650,7 @@ def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | No
         target = as_target(target)
     with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
                 progress=progress, output_key=output_key, sliding_window=window) as engine:
-        run = Run(engine, x.to(engine.device), target, None, seed)
+        run = Run(engine, x.to(engine.device), target, None, seed, defer_forward=defer_forward)
         try:
             if methods is not None:
                 run.share(methods)

@@ -110,6 +110,12 @@ class Target(ABC):
     def bind(self, output: Tensor) -> BoundTarget:
         """Check ``output`` (the model's output on the original batch) and fix the target to it."""
 
+    @property
+    def binds_from_shape(self) -> bool:
+        """True if :meth:`bind` reads only the output's shape, not its values (an explicit class and
+        no predicted region): any output of the original batch's shape then binds it the same way."""
+        return False
+
 
 def _activate(out: Tensor, output_kind: str, activation: str) -> Tensor:
     if output_kind == "logit":
@@ -144,6 +150,10 @@ class ClassTarget(Target):
 
     def __repr__(self) -> str:
         return f"ClassTarget(index={self.index!r}, output={self.output!r})"
+
+    @property
+    def binds_from_shape(self) -> bool:
+        return self.index is not None
 
     def bind(self, output: Tensor) -> BoundTarget:
         if output.ndim != 2:
@@ -281,6 +291,10 @@ class SegmentationTarget(_RegionMaskMixin, Target):
         region = self.region if self.region is None or isinstance(self.region, str) else "mask"
         return f"SegmentationTarget(index={self.index!r}, region={region!r}, output={self.output!r})"
 
+    @property
+    def binds_from_shape(self) -> bool:
+        return not isinstance(self.region, str)
+
     def bind(self, output: Tensor) -> BoundTarget:
         if output.ndim < 3:
             raise ValueError(
@@ -361,6 +375,10 @@ class BratsRegionTarget(_RegionMaskMixin, Target):
 
     def __repr__(self) -> str:
         return f"BratsRegionTarget({self.name!r}, layout={self.layout!r})"
+
+    @property
+    def binds_from_shape(self) -> bool:
+        return not isinstance(self.region, str)
 
     def bind(self, output: Tensor) -> BoundTarget:
         if output.ndim < 3 or output.shape[1] != len(self.channels):

@@ -72,13 +72,16 @@ def _causes(model: nn.Module, steps: int, rule: str | None, capped: bool = False
 
 def report_completeness(result: Attribution, run: "Run", attribution: Tensor, score_baseline: Tensor, *,
                         method: str, steps: int, rule: str | None = None,
-                        tolerance: float = TOLERANCE, capped: bool = False) -> dict[str, Any]:
+                        tolerance: float = TOLERANCE, capped: bool = False,
+                        score_x: Tensor | None = None) -> dict[str, Any]:
     """Put the completeness of ``attribution`` in ``result.extras["completeness"]``; warn above ``tolerance``.
 
     ``score_baseline`` is F at the path's start, per row of ``run.x``; F(x) comes from the run.
     ``capped``: ``steps`` was the cap of an automatic step count (the warning says so).
+    ``score_x``: F(x) per row where the method has it already (e.g. from its path's end point).
     """
-    score_x = run.scores_at_x()
+    if score_x is None:
+        score_x = run.scores_at_x()
     info = completeness(attribution, score_x, score_baseline)
     result.extras["completeness"] = info
     fx = score_x.detach().double().cpu().abs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,11 +60,17 @@ def method_class(name: str) -> type["Method"]:
 
 def option_names(cls: type["Method"]) -> list[str]:
     """The option names a method class accepts (its keyword arguments)."""
-    if cls.__init__ is object.__init__:  # no options (and no signature to read from a builtin)
-        return []
-    params = inspect.signature(cls.__init__).parameters
-    return [p.name for p in params.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return list(_option_names(cls, cls.__init__))
+
+
+@functools.lru_cache(maxsize=None)
+def _option_names(cls: type["Method"], init) -> tuple[str, ...]:
+    # keyed on __init__ too: a class whose __init__ is replaced is read again
+    if init is object.__init__:  # no options (and no signature to read from a builtin)
+        return ()
+    params = inspect.signature(init).parameters
+    return tuple(p.name for p in params.values()
+                 if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def create_method(name: str, options: dict[str, Any] | None = None) -> "Method":

@@ -159,9 +159,10 @@ class XRAI(Method):
             method name (its map is reduced over channels by max).
         base_options: options of ``base`` when given by name.
         steps: integration steps of the default IG base (Gauss-Legendre), or ``"auto"`` (default): for
-            each baseline, the fewest of 4, 8, 16, ... steps whose completeness error is at most
-            ``tolerance`` (see :class:`~voxplain.methods.integrated_gradients.IntegratedGradients`);
-            ``steps=100`` is PAIR's step count.
+            each baseline, the fewest of 3, 7, 15, ... steps of the ``"nested"`` rule whose completeness
+            error is at most ``tolerance``, every doubling reusing the gradients computed before (see
+            :func:`~voxplain.methods.integrated_gradients.auto_integrated_gradients`); ``steps=100`` is
+            PAIR's step count.
         tolerance: with ``steps="auto"``, the relative completeness error each base IG reaches.
         base_attribution: a precomputed base map instead: shape (B, C, *spatial),
             (B, 1, *spatial), (C, *spatial) or (*spatial).
@@ -270,24 +271,25 @@ class XRAI(Method):
             extras.update({k: v for k, v in base.extras.items() if k in ("completeness", "warnings")})
         else:  # PAIR's default: IG from a black and a white image, averaged
             check = not run.derived
-            if self.steps == "auto":
-                low, f_low, used_low, _ = auto_integrated_gradients(run, "min", tolerance=self.tolerance,
-                                                                    desc="xrai: IG from min")
-                high, f_high, used_high, _ = auto_integrated_gradients(run, "max", tolerance=self.tolerance,
-                                                                       desc="xrai: IG from max")
-                extras["steps_used"] = {"min": used_low, "max": used_high}
-                steps = max(used_low + used_high)
+            score_x = None
+            if self.steps == "auto":  # the nested rule: each doubling of the steps reuses every gradient so far
+                found = {b: auto_integrated_gradients(run, b, "nested", tolerance=self.tolerance,
+                                                      desc=f"xrai: IG from {b}") for b in ("min", "max")}
+                low, f_low, high, f_high = found["min"].map, found["min"].f0, found["max"].map, found["max"].f0
+                extras["steps_used"] = {b: f.steps_used for b, f in found.items()}
+                extras["passes"] = {b: f.passes for b, f in found.items()}
+                steps, rule, score_x = max(found["min"].steps_used + found["max"].steps_used), "nested", found["min"].fx
             else:
                 low, f_low = integrated_gradients(run, "min", self.steps, desc="xrai: IG from min",
                                                   baseline_scores=check)
                 high, f_high = integrated_gradients(run, "max", self.steps, desc="xrai: IG from max",
                                                     baseline_scores=check)
-                steps = self.steps
+                steps, rule = self.steps, "gausslegendre"
             attr = (low + high) / 2
             if check:  # sums are linear: the average map against the average score difference
                 checked = Attribution(attr)
                 report_completeness(checked, run, attr, (f_low + f_high) / 2, method="xrai (base IG)",
-                                    steps=steps, rule="gausslegendre")
+                                    steps=steps, rule=rule, score_x=score_x)
                 extras.update(checked.extras)
         return attr.amax(dim=1)
 

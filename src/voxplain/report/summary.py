@@ -74,7 +74,8 @@ def prediction_summary(output: torch.Tensor, sample: int = 0, class_names: list[
 
 def methods_summary(explanation) -> dict[str, Any]:
     """Per method: its options and run time in seconds, from an :class:`~voxplain.Explanation`;
-    with ``steps="auto"``, also the step counts chosen (``steps_used``, per sample)."""
+    with ``steps="auto"``, also the step counts chosen (``steps_used``, per sample) and the gradient
+    passes they took (``passes``: every step count tried)."""
     summary = {}
     for name in explanation.maps:
         entry = {"options": jsonable(explanation.options.get(name, {})),
@@ -82,6 +83,9 @@ def methods_summary(explanation) -> dict[str, Any]:
         used = (explanation.extras.get(name) or {}).get("steps_used")
         if used is not None:
             entry["steps_used"] = jsonable(used)
+            passes = (explanation.extras.get(name) or {}).get("passes")
+            if passes is not None:
+                entry["passes"] = jsonable(passes)
         summary[name] = entry
     return summary
 
