@@ -44,30 +44,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench_common import SpatialMean, freeze, load_average, randomise_batchnorm
+
 import voxplain
 from voxplain import ClassTarget, Engine, SegmentationTarget, explain
 from voxplain.run import seeded_generator
-from voxplain.methods.integrated_gradients import AUTO_FIRST_STEPS
 from voxplain.methods.layer_select import default_cam_layer
 from voxplain.models.zoo import build_model
 
 METHODS = ("vanilla_gradient", "gradient_x_input", "guided_backprop", "integrated_gradients",
            "smoothgrad", "gradcam", "guided_gradcam", "guided_ig")
 FRACTION, MAX_DIST, NOISE_LEVEL = 0.25, 0.02, 0.15
-
-
-class SpatialMean(nn.Module):
-    """A segmentation net seen as a classifier: the spatial mean of each class channel.
-
-    Captum on this wrapper with target k is what ``SegmentationTarget(k)`` explains.
-    """
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x).flatten(2).mean(dim=2)
 
 
 @dataclass
@@ -84,40 +71,23 @@ class Case:
     mode: str  # interpolation mode of Grad-CAM
 
 
-def _freeze(model: nn.Module) -> nn.Module:
-    # Both libraries then skip parameter gradients; explain() restores these flags as they came.
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def make_cases(quick: bool, which: set[str]) -> list[Case]:
     torch.manual_seed(0)
     cases = []
     if "2d" in which:
         size = 112 if quick else 224
-        model = _freeze(build_model("cnn2d", blocks=5, in_channels=1, num_classes=2, image_size=size))
+        model = freeze(build_model("cnn2d", blocks=5, in_channels=1, num_classes=2, image_size=size))
         x = torch.randn(1, 1, size, size)
         cases.append(Case(f"cnn2d (5 blocks), 1x1x{size}x{size}", model, x, ClassTarget(1), model, 1,
                           _cam_layer(model, x), "bilinear"))
     if "3d" in which:
         size = 32 if quick else 64
-        model = _freeze(build_model("unet3d"))
-        _randomise_batchnorm(model)
+        model = freeze(build_model("unet3d"))
+        randomise_batchnorm(model)
         x = torch.randn(1, 4, size, size, size)
         cases.append(Case(f"unet3d (MONAI UNet, BatchNorm), 1x4x{size}^3", model, x, SegmentationTarget(1),
                           SpatialMean(model).eval(), 1, _cam_layer(model, x), "trilinear"))
     return cases
-
-
-def _randomise_batchnorm(model: nn.Module) -> None:
-    # Untrained BatchNorm is the identity in eval mode; give it statistics worth normalising by.
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
 def _cam_layer(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -360,11 +330,12 @@ COMPLETENESS = 0.01  # the relative completeness error both sides must reach in 
 
 def bench_ig_passes(case: Case, max_steps: int = 256) -> dict:
     """Gradient passes for 1% completeness: Captum's IG at its defaults (Gauss-Legendre, 50 steps), the
-    fewest Captum steps (4, 8, 16, ... as a user would search) within 1%, and ours with ``steps="auto"``.
+    fewest Captum steps (4, 8, 16, ... as a user would search) within 1%, and ours with ``steps="auto"``
+    with Gauss-Legendre (4, 8, 16, ... steps, none reused between doublings) and with the ``nested`` rule
+    (3, 7, 15, ... steps, each doubling reusing every gradient so far).
 
     Completeness error: |sum of the map - (F(x) - F(0))| / |F(x) - F(0)|, F the reference's (B, K) score.
-    Ours with "auto" tries 4, 8, ... steps until one is within the tolerance, so its passes are the sum
-    of the step counts it tried (Gauss-Legendre points do not nest).
+    Ours report the gradient passes they spent (``extras["passes"]``: every step count tried).
     """
     import captum.attr as ca
 
@@ -383,14 +354,17 @@ def bench_ig_passes(case: Case, max_steps: int = 256) -> dict:
             captum_steps = steps
             break
         steps *= 2
-    opts = {"integrated_gradients": {"steps": "auto", "tolerance": COMPLETENESS, "max_steps": max_steps}}
-    auto_s, out = timed(lambda: voxplain.explain_detailed(case.model, case.x, case.target,
-                                                          ["integrated_gradients"], opts))
-    used = out.extras["integrated_gradients"]["steps_used"][0]
-    tried = [AUTO_FIRST_STEPS * 2 ** k for k in range(16) if AUTO_FIRST_STEPS * 2 ** k <= used]
-    return {"case": case.name, "captum_default_error": error(default_map), "captum_default_s": default_s,
-            "captum_steps": captum_steps, "captum_steps_error": captum_error, "auto_steps": used,
-            "auto_passes": sum(tried), "auto_error": error(out.maps["integrated_gradients"]), "auto_s": auto_s}
+    result = {"case": case.name, "captum_default_error": error(default_map), "captum_default_s": default_s,
+              "captum_steps": captum_steps, "captum_steps_error": captum_error}
+    for key, rule in (("auto", "gausslegendre"), ("nested", "nested")):
+        opts = {"integrated_gradients": {"steps": "auto", "rule": rule, "tolerance": COMPLETENESS,
+                                         "max_steps": max_steps}}
+        seconds, out = timed(lambda: voxplain.explain_detailed(case.model, case.x, case.target,
+                                                               ["integrated_gradients"], opts))
+        extras = out.extras["integrated_gradients"]
+        result.update({f"{key}_steps": extras["steps_used"][0], f"{key}_passes": extras["passes"][0],
+                       f"{key}_error": error(out.maps["integrated_gradients"]), f"{key}_s": seconds})
+    return result
 
 
 def demo_cases() -> list[Case]:
@@ -412,7 +386,7 @@ def demo_cases() -> list[Case]:
         vol = _crop_or_pad(vol, size)
         vol = (vol - vol.mean(dim=tuple(range(1, vol.ndim)), keepdim=True)) / vol.flatten(1).std(dim=1).clamp_min(
             1e-6).view(-1, *([1] * len(size)))
-        model = _freeze(load_model(name))
+        model = freeze(load_model(name))
         x = vol[None].float()
         if config.get("task") == "segment":
             target, ref, cls = SegmentationTarget(1), SpatialMean(model).eval(), 1
@@ -459,7 +433,7 @@ def peak_rss_kb() -> int:
 
 def memory_child(size: int, steps: int, budget: str) -> None:
     torch.manual_seed(0)
-    model = _freeze(build_model("unet3d"))
+    model = freeze(build_model("unet3d"))
     x = torch.randn(1, 4, size, size, size)
     before = peak_rss_kb()
     with Engine(model, memory_budget=budget) as engine:
@@ -522,7 +496,7 @@ def main(argv=None) -> int:
         parser.error(f"--sizes takes quick and/or full, got {args.sizes!r}")
     methods = (args.only,) if args.only else METHODS
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+          f"{load_average()}", flush=True)
 
     out: dict = {"methods": [], "explain_all": [], "ig_floor": [], "ig_passes": [], "memory": [],
                  "judge": args.judge}
@@ -550,7 +524,7 @@ def main(argv=None) -> int:
             out["ig_passes"].append({**bench_ig_passes(case), "size": "demo"})
 
     print_tables(out)
-    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at the end: {load_average()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)
@@ -588,14 +562,15 @@ def print_tables(out: dict) -> None:
                   f"| {r['engine_rows']} | {100 * r['overhead']:+.1f}% | {_verdict(r['overhead'] <= IG_FLOOR_LIMIT)} |")
     if out.get("ig_passes"):
         print(f"\n| size | model | Captum IG defaults (50 steps): completeness error | Captum steps for "
-              f"{COMPLETENESS:.0%} (doubling from 4) | ours steps='auto': steps chosen | ours: gradient passes "
-              f"(all tried) | ours: error | Captum defaults (s) | ours auto (s) |")
+              f"{COMPLETENESS:.0%} (doubling from 4) | ours auto, Gauss-Legendre: steps / passes / error "
+              f"| ours auto, nested: steps / passes / error | Captum defaults (s) | ours GL (s) | ours nested (s) |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in out["ig_passes"]:
             captum = str(r["captum_steps"]) if r["captum_steps"] else f"> 256 ({r['captum_steps_error']:.1%})"
             print(f"| {r.get('size', '')} | {r['case']} | {r['captum_default_error']:.2%} | {captum} "
-                  f"| {r['auto_steps']} | {r['auto_passes']} | {r['auto_error']:.2%} | {r['captum_default_s']:.3f} "
-                  f"| {r['auto_s']:.3f} |")
+                  f"| {r['auto_steps']} / {r['auto_passes']} / {r['auto_error']:.2%} "
+                  f"| {r['nested_steps']} / {r['nested_passes']} / {r['nested_error']:.2%} "
+                  f"| {r['captum_default_s']:.3f} | {r['auto_s']:.3f} | {r['nested_s']:.3f} |")
     for mem in out["memory"] or []:
         print(f"\nIG {mem['steps']} steps on 1x4x{mem['size']}^3, memory_budget={mem['budget']!r}: peak RSS "
               f"{mem['peak_kb'] / 1024**2:.2f} GiB (process before explain: {mem['before_kb'] / 1024**2:.2f} GiB), "

@@ -43,23 +43,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench_common import SpatialMean, freeze, load_average, randomise_batchnorm
+
 from voxplain import ClassTarget, SegmentationTarget, explain, explain_detailed
 from voxplain.methods.xrai import XRAI
 from voxplain.models.zoo import build_model
 
 METHODS = ("blur_ig", "xrai", "xrai_regions", "smoothgrad_ig", "occlusion")
 XRAI_3D_LIMIT_S = 60.0  # issue 14 item 4: XRAI on 1x4x64^3 with the demo U-Net, end to end
-
-
-class SpatialMean(nn.Module):
-    """A segmentation net seen as a classifier: the spatial mean of each class channel."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x).flatten(2).mean(dim=2)
 
 
 @dataclass
@@ -71,13 +62,6 @@ class Case:
     target: object
     ref_model: nn.Module
     cls: int
-
-
-def _freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def _smooth_input(shape, seed: int) -> torch.Tensor:
@@ -93,16 +77,12 @@ def make_cases(which: set[str], size2d: int, size3d: int) -> list[Case]:
     torch.manual_seed(0)
     cases = []
     if "2d" in which:
-        model = _freeze(build_model("cnn2d", blocks=5, in_channels=3, num_classes=2, image_size=size2d))
+        model = freeze(build_model("cnn2d", blocks=5, in_channels=3, num_classes=2, image_size=size2d))
         cases.append(Case(f"cnn2d 1x3x{size2d}^2", 2, model, _smooth_input((1, 3, size2d, size2d), 0),
                           ClassTarget(1), model, 1))
     if "3d" in which:
-        model = _freeze(build_model("unet3d"))
-        g = torch.Generator().manual_seed(1)
-        for m in model.modules():  # untrained BatchNorm is the identity: give it statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        model = freeze(build_model("unet3d"))
+        randomise_batchnorm(model)
         cases.append(Case(f"unet3d 1x4x{size3d}^3", 3, model, _smooth_input((1, 4, size3d, size3d, size3d), 1),
                           SegmentationTarget(1), SpatialMean(model).eval(), 1))
     return cases
@@ -142,10 +122,6 @@ def timed(fn):
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     return statistics.median(walls), statistics.median(cpus), result
-
-
-def load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
