@@ -366,3 +366,32 @@ def test_a_case_with_an_empty_region_is_skipped_and_its_sanity_checks_go_to_the_
     two = acc.result(one.settings)
     assert json.dumps(two.per_case, sort_keys=True) == json.dumps(one.per_case, sort_keys=True)  # NaN-safe
     assert two.settings["skipped_cases"] == one.settings["skipped_cases"]
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from voxplain.cohort.cluster import reuse_freed_memory
+
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(40):
+        torch.empty(1 << 20).fill_(1.0)  # 4 MiB: under the 32 MiB threshold, over Dask's 64 KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+as_started = faults()
+changed = reuse_freed_memory()
+faults()  # the first blocks come from the heap once
+print(as_started, faults(), changed)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc thresholds")
+def test_a_worker_started_with_dasks_malloc_setting_reuses_freed_tensor_memory_again():
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536: each 4 MiB tensor is then a new mapping whose
+    # ~1000 pages fault in on first touch; once reset, freed blocks are reused and barely fault
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], env=env, capture_output=True, text=True, check=True)
+    as_started, after, changed = done.stdout.split()
+    assert changed == "True"
+    assert int(as_started) > 40 * 500, done.stdout
+    assert int(after) < int(as_started) / 20, done.stdout

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import cached_model, open_cluster, worker_identity
+from .cluster import cached_model, open_cluster, reuse_freed_memory, worker_identity, worker_label
 from .explain import INPUT_ERRORS, RETRIES, CohortResult, shared_spec
 from .progress import CohortProgress, collect
 from .state import FAILURES_NAME, model_digest, one_line, write_failures
@@ -92,15 +92,12 @@ def _case(job: EvaluateJob, index: int, name: str):
     return case
 
 
-def _label(ident: dict[str, Any]) -> str:
-    return str(ident["name"] if ident["name"] is not None else f"{ident['host']}:{ident['pid']}")
-
-
 def evaluate_task(job: EvaluateJob, index: int, name: str) -> dict[str, Any]:
     """Score case ``index`` (named ``name``) with every method (runs on a worker); returns its outcome."""
     from ..evaluate.runner import evaluate_case
 
     start = time.perf_counter()
+    reuse_freed_memory()
     try:
         model, window = _model(job)
         case = _case(job, index, name)
@@ -108,8 +105,8 @@ def evaluate_task(job: EvaluateJob, index: int, name: str) -> dict[str, Any]:
                                tolerance=job.tolerance, seed=job.seed, device=job.device, batch_size=job.batch_size,
                                memory_budget=job.memory_budget, sliding_window=window)
     except INPUT_ERRORS as err:
-        return {"status": "failed", "reason": one_line(err), "worker": _label(worker_identity())}
-    return {"status": "done", "scores": scores, "worker": _label(worker_identity()),
+        return {"status": "failed", "reason": one_line(err), "worker": worker_label(worker_identity())}
+    return {"status": "done", "scores": scores, "worker": worker_label(worker_identity()),
             "seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -119,6 +116,7 @@ def randomise_task(job: EvaluateJob, index: int, name: str, scored: dict[str, An
 
     if scored.get("status") != "done":
         return {"status": "failed", "reason": scored.get("reason", "its scores failed"), "worker": scored.get("worker")}
+    reuse_freed_memory()
     scores = scored["scores"]
     if scores.skipped is not None:  # not explained (an empty region): no checks, the next case takes its place
         return {"status": "skipped", "reason": scores.skipped, "worker": scored.get("worker")}
@@ -129,8 +127,8 @@ def randomise_task(job: EvaluateJob, index: int, name: str, scored: dict[str, An
                                 job.seed, job.device, job.batch_size, job.memory_budget, scores.check_target,
                                 sliding_window=window)
     except INPUT_ERRORS as err:
-        return {"status": "failed", "reason": one_line(err), "worker": _label(worker_identity())}
-    return {"status": "done", "checks": checks, "worker": _label(worker_identity())}
+        return {"status": "failed", "reason": one_line(err), "worker": worker_label(worker_identity())}
+    return {"status": "done", "checks": checks, "worker": worker_label(worker_identity())}
 
 
 def run_evaluate_cohort(model: str, reader: str, reader_args: dict[str, Any], out: str | os.PathLike,

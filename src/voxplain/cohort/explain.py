@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import OutputFolderError, atomic_dir, check_replaceable, claim_folder
-from .cluster import cached_model, open_cluster, worker_identity
+from .cluster import cached_model, open_cluster, reuse_freed_memory, worker_identity, worker_label
 from .index import CaseRow, write_cohort_index
 from .progress import CohortProgress, collect
 from .state import FAILURES_NAME, case_record, fingerprint, model_digest, one_line, write_failures
@@ -132,19 +132,16 @@ def _load_model(job: ExplainJob):
     return loaded
 
 
-def _worker_label(ident: dict[str, Any]) -> str:
-    return str(ident["name"] if ident["name"] is not None else f"{ident['host']}:{ident['pid']}")
-
-
 def explain_task(job: ExplainJob, case_dir: str, dest: str) -> dict[str, Any]:
     """Explain the case in ``case_dir`` into its own folder ``dest`` (runs on a worker); returns its outcome."""
     from ..report.inputs import load_cases
     from ..report.pipeline import model_grid, report_case
 
     start = time.perf_counter()
+    reuse_freed_memory()
     if case_record(dest, "explain", job.fingerprint) is not None:
         # an earlier attempt finished it, then its worker died before saying so
-        return {"status": "done", "worker": _worker_label(worker_identity()), "seconds": 0.0}
+        return {"status": "done", "worker": worker_label(worker_identity()), "seconds": 0.0}
     try:
         loaded, _ = cached_model((job.model_key, job.model, job.weights, job.output_key, job.random_weights),
                                  lambda: _load_model(job))
@@ -156,8 +153,8 @@ def explain_task(job: ExplainJob, case_dir: str, dest: str) -> dict[str, Any]:
             report_case(tmp, loaded, case, job.task, job.target, job.methods, settings, job.options, job.device,
                         job.seed, False, job.batch_size, job.memory_budget, job.region, grid)
     except INPUT_ERRORS as err:
-        return {"status": "failed", "reason": one_line(err), "worker": _worker_label(worker_identity())}
-    return {"status": "done", "worker": _worker_label(ident), "seconds": round(time.perf_counter() - start, 3),
+        return {"status": "failed", "reason": one_line(err), "worker": worker_label(worker_identity())}
+    return {"status": "done", "worker": worker_label(ident), "seconds": round(time.perf_counter() - start, 3),
             "model_loads": ident["model_loads"]}
 
 
@@ -168,7 +165,7 @@ def _row(name: str, sub: str, record: dict) -> CaseRow:
     worker = record.get("settings", {}).get("cohort", {}).get("worker", {})
     figures = record.get("figures") or []
     return CaseRow(name, "done", prediction_line(studies[0].get("prediction") or {}),
-                   _worker_label(worker) if worker else "", link=f"{sub}/report.html",
+                   worker_label(worker) if worker else "", link=f"{sub}/report.html",
                    figure=f"{sub}/{figures[0]}" if figures else "")
 
 
