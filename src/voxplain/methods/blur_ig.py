@@ -24,7 +24,7 @@ from .registry import register
 if TYPE_CHECKING:
     from ..run import Run
 
-__all__ = ["BlurIG", "gaussian_blur", "blur_sigmas"]
+__all__ = ["BlurIG", "gaussian_blur", "gaussian_blur_and_slope", "blur_sigmas"]
 
 #: Kernel half-width in standard deviations, as scipy.ndimage.gaussian_filter's default.
 TRUNCATE = 4.0
@@ -70,13 +70,46 @@ def gaussian_blur(x: Tensor, sigmas: Tensor | float) -> Tensor:
         raise ValueError(f"need one sigma per row: {x.shape[0]} rows, {sigmas.numel()} sigmas")
     out = x
     for axis in range(2, x.ndim):
-        mats = _blur_matrices(sigmas, x.shape[axis], x.device, x.dtype)  # (K, n, n)
-        moved = out.movedim(axis, -1)
-        shape = moved.shape
-        # One matrix per row, shared by its channels and lines: a batched matmul.
-        lines = moved.reshape(shape[0], -1, shape[-1])
-        out = torch.bmm(lines, mats.transpose(1, 2)).reshape(shape).movedim(-1, axis)
+        # one matrix per row, shared by its channels and lines
+        out = _along(out, _blur_matrices(sigmas, x.shape[axis], x.device, x.dtype), axis)
     return out
+
+
+def _along(x: Tensor, mats: Tensor, axis: int) -> Tensor:
+    """Apply one (n, n) matrix per row of ``x`` along spatial ``axis``: a batched matmul."""
+    moved = x.movedim(axis, -1)
+    shape = moved.shape
+    lines = moved.reshape(shape[0], -1, shape[-1])
+    return torch.bmm(lines, mats.transpose(1, 2)).reshape(shape).movedim(-1, axis)
+
+
+def gaussian_blur_and_slope(x: Tensor, sigmas: Tensor, grad_step: float) -> tuple[Tensor, Tensor]:
+    """Rows ``x`` blurred at ``sigmas`` (as :func:`gaussian_blur`) and the forward difference
+    ``(blur(sigma + grad_step) - blur(sigma)) / grad_step``.
+
+    Subtracting two float32 blurs that differ by a 0.01 step in sigma and dividing by
+    the step amplifies the blur's rounding about a hundredfold (0.3-0.5% of the slope at
+    sigma 25-50, where scipy's blur, which rounds once from float64, is at 0.04%). Here
+    the difference is taken exactly on the small per-axis matrices, in float64, and
+    telescoped over the axes: with M, M' the blur matrices at sigma and sigma + step and
+    D = (M' - M) / step, ``s_i = M'_i s_(i-1) + D_i p_(i-1)`` and ``p_i = M_i p_(i-1)``, so
+    no difference of two large, nearly equal tensors is ever formed.
+    """
+    sigmas = sigmas.reshape(-1)
+    if sigmas.numel() != x.shape[0]:
+        raise ValueError(f"need one sigma per row: {x.shape[0]} rows, {sigmas.numel()} sigmas")
+    points, slope = x, None
+    for axis in range(2, x.ndim):
+        n = x.shape[axis]
+        at = _blur_matrices(sigmas, n, "cpu", torch.float64)
+        after = _blur_matrices(sigmas + grad_step, n, "cpu", torch.float64)
+        diff = ((after - at) / grad_step).to(x.device, x.dtype)
+        at, after = at.to(x.device, x.dtype), after.to(x.device, x.dtype)
+        slope = _along(points, diff, axis) if slope is None else _along(slope, after, axis) + _along(points, diff, axis)
+        points = _along(points, at, axis)
+    if slope is None:  # no spatial axis: nothing to blur
+        slope = torch.zeros_like(x)
+    return points, slope
 
 
 def blur_sigmas(max_sigma: float, steps: int, sqrt: bool = False) -> Tensor:
@@ -126,11 +159,7 @@ class BlurIG(Method):
         # Rows are (sample, step) pairs; each chunk blurs its own points.
         for chunk in run.row_chunks(steps, desc="blur_ig"):
             step = chunk.step.cpu()
-            base = x[chunk.sample]
-            points = gaussian_blur(base, sigmas[step])
-            slope = gaussian_blur(base, sigmas[step] + self.grad_step)
-            del base
-            slope.sub_(points).div_(self.grad_step)  # d(blur)/d(sigma), forward difference
+            points, slope = gaussian_blur_and_slope(x[chunk.sample], sigmas[step], self.grad_step)
             grads = run.gradients(points, chunk.owner).inputs
             del points
             slope.mul_(grads).mul_(deltas[chunk.step].view(-1, *([1] * (x.ndim - 1))))
