@@ -60,6 +60,16 @@ def _cases_done(out: Path) -> int:
     return sum(1 for p in out.glob("*/summary.json"))
 
 
+def _method_seconds(out: Path) -> float:
+    """The explanation time every case's summary.json records (all targets and methods), summed over cases."""
+    total = 0.0
+    for path in out.glob("*/summary.json"):
+        for study in json.loads(path.read_text()).get("studies", []):
+            for target in study.get("settings", {}).get("targets", {}).values():
+                total += sum(m.get("seconds", 0.0) for m in target.get("methods", {}).values())
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/voxplain-bench-cohort"))
@@ -83,25 +93,32 @@ def main() -> int:
         extra = ["--quiet"] + (["--methods", args.methods] if args.methods else [])
         for opt in args.option:
             extra += ["--option", opt]
-        walls = {}
+        walls, computing = {}, {}
         for label, flags in (("loop", []), ("1 worker", ["--workers", "1"]), ("2 workers", ["--workers", "2"])):
             out = args.out / "runs" / f"{model}-{label.replace(' ', '')}"
             shutil.rmtree(out, ignore_errors=True)
             walls[label] = _run(voxplain + ["explain", "--model", model, "--input", str(cohort), "--out", str(out),
                                             *extra, *flags])
             done = _cases_done(out)
-            print(f"{model:<12} {label:<10} {walls[label]:8.1f} s  ({done}/{args.cases} cases)  load {_load()}")
+            computing[label] = _method_seconds(out)
+            print(f"{model:<12} {label:<10} {walls[label]:8.1f} s  ({done}/{args.cases} cases; methods "
+                  f"{computing[label]:.1f} s, the rest {(walls[label] - computing[label]) / args.cases:.2f} s per case)"
+                  f"  load {_load()}")
             if done != args.cases:
                 print(f"  {args.cases - done} cases missing: see {out}/failures.csv", file=sys.stderr)
         per_case = (walls["1 worker"] - walls["loop"]) / args.cases
+        # the same, on the time outside the methods: robust to the methods running slower in one run (load)
+        rest = {k: (walls[k] - computing[k]) / args.cases for k in walls}
         row = {"model": model, "cases": args.cases, "methods": args.methods or "default", "wall_s": walls,
+               "method_s": computing, "outside_methods_per_case_s": rest,
+               "dask_overhead_outside_methods_per_case_s": rest["1 worker"] - rest["loop"],
                "ratio_1_over_2_workers": walls["1 worker"] / walls["2 workers"],
                "dask_overhead_per_case_s": per_case,
                "dask_overhead_per_case_without_start_s": per_case - start_s / args.cases}
         results.append(row)
         print(f"{model:<12} 1 worker / 2 workers = {row['ratio_1_over_2_workers']:.2f}x;  Dask adds "
               f"{per_case:+.2f} s per case ({row['dask_overhead_per_case_without_start_s']:+.2f} s without the "
-              f"cluster start)")
+              f"cluster start); outside the methods {row['dask_overhead_outside_methods_per_case_s']:+.2f} s per case")
     print(f"load average after: {_load()}")
     if args.json:
         args.json.write_text(json.dumps({"cluster_start_s": start_s, "results": results, "load_after": _load()},
