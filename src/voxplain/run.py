@@ -573,13 +573,12 @@ class Run:
             maps[m.name] = result.map.detach().to("cpu", torch.float32).contiguous()
             extras[m.name] = result.extras
         self.drop_first_pass()
-        deferred = self._input.output is None and self._scores_x is None
-        if not outputs and deferred:
-            return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
-                               output=None, target=self.target.describe(), scores=None, extras=extras)
+        # a deferred forward is not run just to fill these in when the caller does not want them
+        leave_out = not outputs and self._input.output is None and self._scores_x is None
         return Explanation(maps=maps, seconds=seconds, options={m.name: m.options() for m in methods},
-                           output=self.output.detach().cpu(), target=self.target.describe(),
-                           scores=self.scores_at_x().detach().cpu(), extras=extras)
+                           output=None if leave_out else self.output.detach().cpu(),
+                           target=self.target.describe(),
+                           scores=None if leave_out else self.scores_at_x().detach().cpu(), extras=extras)
 
     def close(self) -> None:
         """Drop every kept pass."""

@@ -210,6 +210,11 @@ class _RegionMaskMixin:
 
     region: Union[None, str, Tensor]
 
+    @property
+    def binds_from_shape(self) -> bool:
+        """A predicted region (``region="predicted"``) reads the output's values; no region or a mask does not."""
+        return not isinstance(self.region, str)
+
     def _resolve_region(self, output: Tensor, predicted: Callable[[], Tensor]) -> Tensor | None:
         """The pooling mask (B, *spatial) on the CPU, or None; ``predicted()`` makes the predicted mask."""
         b, spatial = output.shape[0], tuple(output.shape[2:])
@@ -291,10 +296,6 @@ class SegmentationTarget(_RegionMaskMixin, Target):
         region = self.region if self.region is None or isinstance(self.region, str) else "mask"
         return f"SegmentationTarget(index={self.index!r}, region={region!r}, output={self.output!r})"
 
-    @property
-    def binds_from_shape(self) -> bool:
-        return not isinstance(self.region, str)
-
     def bind(self, output: Tensor) -> BoundTarget:
         if output.ndim < 3:
             raise ValueError(
@@ -375,10 +376,6 @@ class BratsRegionTarget(_RegionMaskMixin, Target):
 
     def __repr__(self) -> str:
         return f"BratsRegionTarget({self.name!r}, layout={self.layout!r})"
-
-    @property
-    def binds_from_shape(self) -> bool:
-        return not isinstance(self.region, str)
 
     def bind(self, output: Tensor) -> BoundTarget:
         if output.ndim < 3 or output.shape[1] != len(self.channels):

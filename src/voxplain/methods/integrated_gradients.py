@@ -215,6 +215,12 @@ def check_tolerance(tolerance) -> float:
     return float(tolerance)
 
 
+def next_auto_steps(steps: int, rule: str) -> int:
+    """The step count ``steps="auto"`` tries after ``steps``: double, or 2 * steps + 1 with the nested rule
+    (3, 7, 15, ...: the counts whose points include the earlier ones)."""
+    return 2 * steps + 1 if rule == "nested" else 2 * steps
+
+
 class AutoIG(NamedTuple):
     """What :func:`auto_integrated_gradients` found, per row of the run."""
 
@@ -280,7 +286,7 @@ def auto_integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "zer
             steps_used[row], errors[row] = steps, error
             passes[row] += spent
             done.append(error <= tolerance)
-        following = 2 * steps + 1 if nested else 2 * steps
+        following = next_auto_steps(steps, rule)
         if all(done) or following > max_steps:
             return AutoIG(attr, f0, fx, steps_used, errors, passes)
         todo = todo[~torch.tensor(done, device=x.device)]
@@ -346,9 +352,9 @@ class IntegratedGradients(Method):
             result = Attribution(found.map, {"steps_used": used, "passes": found.passes,
                                              "tolerance": self.tolerance})
             if not run.derived:
-                following = 2 * max(used) + (1 if self.rule == "nested" else 0)
                 report_completeness(result, run, found.map, found.f0, method=self.name, steps=max(used),
-                                    rule=self.rule, tolerance=self.tolerance, capped=following > self.max_steps,
+                                    rule=self.rule, tolerance=self.tolerance,
+                                    capped=next_auto_steps(max(used), self.rule) > self.max_steps,
                                     score_x=found.fx)
             return result
         # rows derived from the input (SmoothGrad's noisy copies) get no completeness check
