@@ -258,6 +258,63 @@ def test_sigterm_of_explain_removes_its_part_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slowmodel.py", "x.png"]
 
 
+SWALLOWING_MODEL = '''
+import signal
+import torch
+from torch import nn
+
+
+class _Finaliser:
+    def __del__(self):
+        # the handler's exception is raised inside __del__, where Python prints and drops it
+        signal.raise_signal(signal.SIGTERM)
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fired = False
+
+    def forward(self, x):
+        if not self.fired:
+            self.fired = True
+            _Finaliser()
+        return self.conv(x).mean((2, 3))
+
+
+def build():
+    return Model()
+'''
+
+
+def test_sigterm_swallowed_by_a_finaliser_still_stops_before_the_output_is_kept(tmp_path):
+    (tmp_path / "swallow.py").write_text(SWALLOWING_MODEL)
+    png = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((12, 12)) * 255).astype(np.uint8)).save(png)
+    proc = _start(["explain", "--model", "swallow.py:build", "--random-weights", "--input", str(png),
+                   "--methods", "vanilla_gradient", "--quiet", "--out", "out"], tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert "Exception ignored" in err  # the stop really was swallowed where it was raised ...
+    assert proc.returncode == 143, err  # ... and still ended the command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swallow.py", "x.png"]
+
+
+def test_a_recorded_stop_keeps_an_atomic_folder_out(tmp_path):
+    from voxplain.atomic import atomic_dir
+    from voxplain.interrupt import Terminated, clear_stop_request, request_stop
+
+    with pytest.raises(Terminated):
+        with atomic_dir(tmp_path / "out", kind="explain") as part:
+            (part / "map.txt").write_text("half")
+            try:
+                request_stop(signal.SIGTERM)
+            except Terminated:
+                pass  # what a finaliser does with it
+    clear_stop_request()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_sigterm_of_demo_removes_its_part_folder(tmp_path):
     proc = _start(["demo", "--preset", "tiny", "--quiet", "--out", "demo"], tmp_path)

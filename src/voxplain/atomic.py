@@ -14,7 +14,8 @@ for the files it lists). Anything else is refused with an
 A folder being built is hidden as ``.NAME.XXXXXXXX.part`` beside its destination
 and holds ``.voxplain-part.json`` (process id and host). It is removed when the
 work fails or is interrupted (Ctrl-C, and SIGTERM through the command line's
-handler); a later write to the same destination removes parts left by a process
+handler; also when the interruption was swallowed by a finaliser, see
+:mod:`voxplain.interrupt`); a later write to the same destination removes parts left by a process
 that is gone (e.g. killed with SIGKILL).
 """
 
@@ -30,6 +31,8 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .interrupt import raise_if_stop_requested
 
 __all__ = ["atomic_file", "atomic_dir", "check_replaceable", "claim_folder", "record_files", "OutputFolderError",
            "remove_stale_parts", "is_intact", "MARKER_NAME", "PART_OWNER_NAME"]
@@ -293,6 +296,7 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        raise_if_stop_requested()  # a stop swallowed by a finaliser still keeps this file out
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, dest)
     except BaseException:
@@ -320,6 +324,7 @@ def atomic_dir(path: str | os.PathLike, kind: str = "output", overwrite: bool = 
     tmp = _new_part(dest)
     try:
         yield tmp
+        raise_if_stop_requested()  # a stop swallowed by a finaliser still keeps this folder out
         (tmp / PART_OWNER_NAME).unlink()
         _write_marker(tmp, kind, _listing(tmp))
         os.chmod(tmp, 0o777 & ~_UMASK)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .engine import Engine, Gradients, LayerInfo, RecordedPass
 from .hooks import guided_types
+from .interrupt import raise_if_stop_requested
 from .memory import MemoryBudgetError
 from .methods.base import Attribution, Method
 from .model_outputs import ModelOutputError
@@ -562,6 +563,7 @@ class Run:
         seconds: dict[str, float] = {}
         extras: dict[str, dict[str, Any]] = {}
         for m in methods:
+            raise_if_stop_requested()  # a stop a finaliser swallowed ends the work between methods
             start = time.perf_counter()
             result = m.attribute(self)
             if not isinstance(result, Attribution):

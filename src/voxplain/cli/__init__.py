@@ -16,6 +16,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..interrupt import Terminated, clear_stop_request, raise_if_stop_requested, request_stop
+
 __all__ = ["main", "SUBCOMMANDS", "UserError", "Terminated"]
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # the voxplain package folder
@@ -36,25 +38,29 @@ class UserError(Exception):
     """An error caused by the command's input; printed as one line, exit code 2."""
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived: raised like Ctrl-C's KeyboardInterrupt so that half-written outputs are removed."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _stop(signum, frame):
+    request_stop(signum)
 
 
 @contextlib.contextmanager
-def _sigterm_as_exception():
-    """While a command runs, SIGTERM unwinds it (cleaning up) instead of killing the process outright."""
+def _signals_as_exceptions():
+    """While a command runs, SIGTERM and Ctrl-C unwind it (cleaning up) instead of killing the process outright.
+
+    The request is also recorded (:mod:`voxplain.interrupt`), so that one raised where
+    Python drops exceptions (a finaliser) still stops the work before its output is kept.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    clear_stop_request()
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
+        raise_if_stop_requested()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        clear_stop_request()
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -104,7 +110,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
-        with _sigterm_as_exception():
+        with _signals_as_exceptions():
             return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         print("voxplain: interrupted", file=sys.stderr)
