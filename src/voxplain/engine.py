@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import engine_windows
+from . import conv_rows, engine_windows
+from .conv_rows import OneRowConvolutions
 from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, guided_types, has_guided_activations
-from .layout import Layout
+from .layout import TRIAL_MIN_ROWS, Layout
 from .memory import MemoryBudgetError, available_bytes, format_bytes
 from .model_outputs import select_output
 from .sliding_window import SlidingWindow
@@ -279,6 +280,7 @@ class Engine:
         self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
+        self._one_row_convs = OneRowConvolutions() if conv_rows.available() and not self.scripted else None
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -346,10 +348,25 @@ class Engine:
         """The model on rows ``x`` (already on the device): the one place the model is called.
 
         Rows go in the memory layout chosen for their shape (:class:`Layout`); the model's
-        parameters are laid out to match. Returns the tensor the model returns, or the one
-        :attr:`output_key` selects from its tuple, list or dict (:func:`~voxplain.model_outputs.select_output`).
+        parameters are laid out to match. One 3D row on the CPU runs its convolutions as two
+        rows where PyTorch's kernels for one are slow (:mod:`voxplain.conv_rows`). Returns the
+        tensor the model returns, or the one :attr:`output_key` selects from its tuple, list or
+        dict (:func:`~voxplain.model_outputs.select_output`).
         """
-        return select_output(self.model(self.layout.arrange(x)), self.output_key)
+        x = self.layout.arrange(x)
+        if self._pads_one_row(x):
+            with self._one_row_convs:
+                return select_output(self.model(x), self.output_key)
+        return select_output(self.model(x), self.output_key)
+
+    def _pads_one_row(self, x: Tensor) -> bool:
+        """Whether a call on ``x`` runs one-row convolutions as two rows: one 3D row on the CPU whose
+        pass, with the convolutions' rows doubled, surely fits the memory budget."""
+        if x.shape[0] != 1 or x.ndim != 5 or x.device.type != "cpu" or self._one_row_convs is None:
+            return False
+        row_shape = tuple(x.shape[1:])
+        known = self._row_bytes.get(row_shape)
+        return 2 * known <= self.memory_budget if known is not None else not self._is_large_row(row_shape)
 
     # -- chunking ----------------------------------------------------------
     def rows_per_pass(self, row_shape: Sequence[int], backward: bool = True) -> int:
@@ -429,7 +446,7 @@ class Engine:
             yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
             return
         trial = self.layout.trial_passes
-        if (self.batch_size is None and n_chunks < trial <= n_rows
+        if (self.batch_size is None and n_chunks < trial and trial * TRIAL_MIN_ROWS <= n_rows
                 and len(range(0, n_rows, math.ceil(n_rows / trial))) >= trial
                 and self.layout.wants_trial(row_shape, backward, n_rows * self._estimate_row_bytes(row_shape))):
             # cut into enough passes for the layout trial, only where that many passes come out of the
