@@ -152,3 +152,16 @@ def test_tiny_models_are_never_timed():
     a = explain(model, x, 0, ["integrated_gradients"], {"integrated_gradients": {"steps": 64}})
     b = explain(model, x, 0, ["integrated_gradients"], {"integrated_gradients": {"steps": 64}})
     assert torch.equal(a["integrated_gradients"], b["integrated_gradients"])
+
+
+def test_blur_ig_runs_in_the_model_layout_even_when_channels_last_is_forced():
+    # its gradients at heavily blurred points are ill-conditioned: oneDNN's channels-last kernels moved
+    # a 2D CNN's map far from its float64 value, so Blur IG keeps the model's own layout
+    model = classifier(dims=2, seed=3)
+    x = torch.randn(2, 2, 12, 12)
+    options = {"blur_ig": {"steps": 8}}
+    plain, _ = _explain_with(model, x, ClassTarget([0, 2]), ["blur_ig"], options, channels_last=False)
+    forced, engine = _explain_with(model, x, ClassTarget([0, 2]), ["blur_ig"], options, channels_last=True)
+    assert torch.equal(forced["blur_ig"], plain["blur_ig"])
+    assert not engine.layout._pinned  # the pin ends with the method
+    assert _layouts(model) == _layouts(classifier(dims=2, seed=3))

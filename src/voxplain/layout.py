@@ -17,6 +17,7 @@ engine restores the model); maps come back in the input's layout.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -73,6 +74,7 @@ class Layout:
         self.timings: dict[tuple[tuple[int, ...], bool], dict[str, float]] = {}
         self._model_format: torch.memory_format | None = None
         self._trying: set[tuple[tuple[int, ...], bool]] = set()
+        self._pinned = 0  # > 0 while in_model_layout() is open
 
     def attach(self) -> None:
         """Share the choices already measured on this model in the same setting (the engine's entry)."""
@@ -96,13 +98,25 @@ class Layout:
         One row runs in the layout the model came in unless channels-last is forced: the trials
         measure batches, and a layout faster on batches can be slower on one row.
         """
-        if x.shape[0] == 1 and not self.channels_last:
+        if self._pinned or (x.shape[0] == 1 and not self.channels_last):
             fmt = None
         else:
             fmt = self.chosen.get((tuple(x.shape[1:]), torch.is_grad_enabled()))
         if fmt is not self._model_format:
             self._lay_out_model(fmt)
         return x if fmt is None else x.contiguous(memory_format=fmt)
+
+    @contextlib.contextmanager
+    def in_model_layout(self) -> Iterator[None]:
+        """While open, every pass runs in the layout the model came in, and no trial runs.
+
+        For work whose maps depend on the kernels' rounding more than on any layout's speed
+        (see :class:`~voxplain.methods.blur_ig.BlurIG`)."""
+        self._pinned += 1
+        try:
+            yield
+        finally:
+            self._pinned -= 1
 
     def as_input(self, grad: Tensor, x: Tensor) -> Tensor:
         """``grad`` (dF/dx) in the layout of the rows ``x`` it belongs to."""
@@ -159,7 +173,7 @@ class Layout:
         alternates the layouts and times each piece (from its yield to the next request).
         """
         key = (tuple(row_shape), bool(backward))
-        if key in self.chosen or key in self._trying:
+        if key in self.chosen or key in self._trying or self._pinned:
             yield from items
             return
         fmt = self.candidate(key[0])

@@ -483,6 +483,10 @@ class Run:
         self.drop_first_pass()
         return self.engine.forward(rows)
 
+    def in_model_layout(self) -> contextlib.AbstractContextManager[None]:
+        """While open, the passes run in the layout the model came in (see :meth:`Layout.in_model_layout`)."""
+        return self.engine.layout.in_model_layout()
+
     def drop_first_pass(self) -> None:
         """Free the kept first pass (its graph) if no gradient request used it yet."""
         self.start()  # a run of the explained input has its first forward (and its target) before any other
