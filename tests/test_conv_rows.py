@@ -107,3 +107,17 @@ def test_a_row_too_large_to_double_is_not_padded():
     with _Rows() as calls, Engine(model, memory_budget=3 * per_row) as engine:
         engine.forward(x)
     assert max(calls.rows) == 2
+
+
+def test_no_padding_under_sliding_windows():
+    # their memory budget counts one window batch once: doubling its convolutions is not budgeted
+    from voxplain.sliding_window import SlidingWindow
+
+    model = segnet(dims=3)
+    with _Rows() as calls, Engine(model) as engine:
+        engine.forward(torch.randn(1, 2, 32, 32, 32))
+    assert max(calls.rows) == 2  # the same window alone is padded ...
+    with _Rows() as calls, Engine(model, sliding_window=SlidingWindow((32, 32, 32), overlap=0.5,
+                                                                     sw_batch_size=1)) as engine:
+        engine.forward(torch.randn(1, 2, 48, 32, 32))
+    assert calls.rows and max(calls.rows) == 1  # ... but not as a sliding window

@@ -47,6 +47,11 @@ _REAL_PROBE_FACTOR = 64
 # ran 1.4x faster per row in passes of 8-16 rows than of 32; at 224^2 (58 MB) 4 rows beat 16 by
 # 1.8x; a 3D U-Net at 64^3 (125 MB) 2 rows beat 4 by 1.4x; at 32^3 (16 MB) 4-32 rows were alike.
 _CPU_PASS_BYTES = 256 * 1024**2
+# ... and at most this many rows, unless that many hold less than _CPU_SMALL_PASS_BYTES (small rows
+# then fill that much: per pass costs dominate there). Measured per row on the same machine: a 2D CNN
+# at 112^2 ran 1.3-1.6x faster in passes of 4-8 rows than of 16; a 3D U-Net at 32^3 within 6%.
+_CPU_PASS_ROWS = 8
+_CPU_SMALL_PASS_BYTES = 32 * 1024**2
 #: Row-size estimates measured per model: model -> {size setting: {row shape: bytes}}. Weak, so an
 #: entry goes with its model; later engines on the same model (each explain() call opens one) reuse
 #: them instead of running the model on a row again to size it. Sizes only, never tensors.
@@ -364,8 +369,11 @@ class Engine:
 
     def _pads_one_row(self, x: Tensor) -> bool:
         """Whether a call on ``x`` runs one-row convolutions as two rows: one 3D row on the CPU whose
-        pass, with the convolutions' rows doubled, surely fits the memory budget."""
-        if x.shape[0] != 1 or x.ndim != 5 or x.device.type != "cpu" or self._one_row_convs is None:
+        pass, with the convolutions' rows doubled, surely fits the memory budget. Not under sliding
+        windows: their budget is shared between a window batch and the volume's buffers, and counts
+        the window batch once."""
+        if (x.shape[0] != 1 or x.ndim != 5 or x.device.type != "cpu" or self._one_row_convs is None
+                or self.sliding_window is not None):
             return False
         row_shape = tuple(x.shape[1:])
         known = self._row_bytes.get(row_shape)
@@ -419,14 +427,16 @@ class Engine:
 
     def rows_per_chunk(self, row_shape: Sequence[int], backward: bool = True) -> int:
         """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
-        on a CPU at most about 512 MiB of estimated working set (larger passes run slower per row there)."""
+        on a CPU at most about 256 MB of estimated working set and 8 rows (or 32 MB of small rows):
+        larger passes run slower per row there."""
         per_pass = self.rows_per_pass(row_shape, backward)
         # under sliding windows a row is a whole volume, never run in one call: its windows are sized apart
         if self.batch_size is None and self.device.type == "cpu" and self.sliding_window is None:
             per_row = self._estimate_row_bytes(tuple(row_shape))
             if not backward:
                 per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
-            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // per_row))
+            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // per_row),
+                           max(_CPU_PASS_ROWS, _CPU_SMALL_PASS_BYTES // per_row))
         return per_pass
 
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
