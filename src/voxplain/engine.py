@@ -52,6 +52,8 @@ _CPU_PASS_BYTES = 256 * 1024**2
 # at 112^2 ran 1.3-1.6x faster in passes of 4-8 rows than of 16; a 3D U-Net at 32^3 within 6%.
 _CPU_PASS_ROWS = 8
 _CPU_SMALL_PASS_BYTES = 32 * 1024**2
+# Neither cuts a pass below two rows (where the budget allows two): the shipped demo U-Net (174 MB a
+# row) took 301 ms per row alone and 108 ms in pairs.
 #: Row-size estimates measured per model: model -> {size setting: {row shape: bytes}}. Weak, so an
 #: entry goes with its model; later engines on the same model (each explain() call opens one) reuse
 #: them instead of running the model on a row again to size it. Sizes only, never tensors.
@@ -427,16 +429,17 @@ class Engine:
 
     def rows_per_chunk(self, row_shape: Sequence[int], backward: bool = True) -> int:
         """How many rows of shape (C, *spatial) :meth:`chunks` puts in one pass: :meth:`rows_per_pass`,
-        on a CPU at most about 256 MB of estimated working set and 8 rows (or 32 MB of small rows):
-        larger passes run slower per row there."""
+        on a CPU at most about 256 MB of estimated working set and 8 rows (or 32 MB of small rows),
+        but two rows where the budget allows: larger passes, and one row, run slower per row there."""
         per_pass = self.rows_per_pass(row_shape, backward)
         # under sliding windows a row is a whole volume, never run in one call: its windows are sized apart
         if self.batch_size is None and self.device.type == "cpu" and self.sliding_window is None:
             per_row = self._estimate_row_bytes(tuple(row_shape))
             if not backward:
                 per_row = max(1, int(per_row / _BACKWARD_OVERHEAD))
-            per_pass = min(per_pass, max(1, _CPU_PASS_BYTES // per_row),
-                           max(_CPU_PASS_ROWS, _CPU_SMALL_PASS_BYTES // per_row))
+            # the CPU caps (_CPU_PASS_BYTES, _CPU_PASS_ROWS), never below two rows the budget allows
+            per_pass = min(per_pass, max(2, min(_CPU_PASS_BYTES // per_row,
+                                                max(_CPU_PASS_ROWS, _CPU_SMALL_PASS_BYTES // per_row))))
         return per_pass
 
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
