@@ -200,7 +200,8 @@ class Layout:
                 if i == 0 and seconds < _TRIAL_MIN_SECONDS:
                     break  # too quick to time or to matter: keep the layout the model came in
                 if i >= 2:
-                    per_row["channels_first" if which is None else "channels_last"].append(seconds / max(1, rows_of(item)))
+                    name = "channels_first" if which is None else "channels_last"
+                    per_row[name].append(seconds / max(1, rows_of(item)))
             best = {name: min(times) for name, times in per_row.items() if times}
             faster = len(best) == 2 and best["channels_last"] <= _MARGIN * best["channels_first"]
             self.chosen[key] = fmt if faster else None
