@@ -304,14 +304,16 @@ def test_a_recorded_stop_keeps_an_atomic_folder_out(tmp_path):
     from voxplain.atomic import atomic_dir
     from voxplain.interrupt import Terminated, clear_stop_request, request_stop
 
-    with pytest.raises(Terminated):
-        with atomic_dir(tmp_path / "out", kind="explain") as part:
-            (part / "map.txt").write_text("half")
-            try:
-                request_stop(signal.SIGTERM)
-            except Terminated:
-                pass  # what a finaliser does with it
-    clear_stop_request()
+    try:
+        with pytest.raises(Terminated):
+            with atomic_dir(tmp_path / "out", kind="explain") as part:
+                (part / "map.txt").write_text("half")
+                try:
+                    request_stop(signal.SIGTERM)
+                except Terminated:
+                    pass  # what a finaliser does with it
+    finally:
+        clear_stop_request()  # never leave the request to the tests that follow
     assert list(tmp_path.iterdir()) == []
 
 

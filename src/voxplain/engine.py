@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import conv_rows, engine_windows
 from .conv_rows import OneRowConvolutions
 from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, guided_types, has_guided_activations
-from .layout import TRIAL_MIN_ROWS, Layout
+from .layout import Layout
 from .memory import MemoryBudgetError, available_bytes, format_bytes
 from .model_outputs import select_output
 from .sliding_window import SlidingWindow
@@ -461,13 +461,9 @@ class Engine:
             step = math.ceil(n_rows / n_chunks)
             yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
             return
-        trial = self.layout.trial_passes
-        if (self.batch_size is None and n_chunks < trial and trial * TRIAL_MIN_ROWS <= n_rows
-                and len(range(0, n_rows, math.ceil(n_rows / trial))) >= trial
-                and self.layout.wants_trial(row_shape, backward, n_rows * self._estimate_row_bytes(row_shape))):
-            # cut into enough passes for the layout trial, only where that many passes come out of the
-            # cut: fewer run no trial (nothing is decided) and would only make every call slower
-            n_chunks = trial
+        if self.batch_size is None:  # a given batch size is kept as it is, trial or not
+            n_chunks = self.layout.passes_for_trial(n_rows, n_chunks, row_shape, backward,
+                                                    lambda: n_rows * self._estimate_row_bytes(row_shape))
         step = math.ceil(n_rows / n_chunks)
         slices = [slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
         yield from self.layout.over(slices, row_shape, backward, len(slices), lambda sl: sl.stop - sl.start)

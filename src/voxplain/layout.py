@@ -18,6 +18,7 @@ engine restores the model); maps come back in the input's layout.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -156,6 +157,19 @@ class Layout:
     def trial_passes(self) -> int:
         """Passes a piece of work needs for a trial to run on it."""
         return len(_TRIAL) + _TRIAL_MIN_LEFT
+
+    def passes_for_trial(self, n_rows: int, n_chunks: int, row_shape: tuple[int, ...], backward: bool,
+                         work_bytes: Callable[[], int]) -> int:
+        """How many passes a walk of ``n_rows`` rows, planned as ``n_chunks`` passes, takes: ``n_chunks``,
+        or :attr:`trial_passes` where it is too few for a trial that is wanted and the cut gives that
+        many passes of at least :data:`TRIAL_MIN_ROWS` rows (a cut that runs no trial would only make
+        the call slower). ``work_bytes()`` (an estimate that may cost a forward pass) is asked last."""
+        trial = self.trial_passes
+        if n_chunks >= trial or trial * TRIAL_MIN_ROWS > n_rows:
+            return n_chunks
+        if len(range(0, n_rows, math.ceil(n_rows / trial))) < trial:  # equal passes: fewer come out
+            return n_chunks
+        return trial if self.wants_trial(row_shape, backward, work_bytes()) else n_chunks
 
     def wants_trial(self, row_shape: tuple[int, ...], backward: bool, work_bytes: int) -> bool:
         """True if work of ``work_bytes`` (estimated) on rows of ``row_shape`` should run a trial
