@@ -10,7 +10,6 @@ flags, same ``requires_grad`` flags, same device, no hooks, even if a call raise
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import re
 import warnings
@@ -86,9 +85,32 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         return dev
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
+    modules = _modules_of(model)
+    for kind in ("_parameters", "_buffers"):  # the first parameter, else the first buffer
+        for m in modules:
+            for t in getattr(m, kind).values():
+                if t is not None:
+                    return t.device
     return torch.device("cpu")
+
+
+def _modules_of(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (each module once, in the same order), in one loop: this runs on
+    every explain() call, where the recursive generators of ``named_modules`` cost more than the rest."""
+    modules: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:  # an empty child slot, or a module met before
+            continue
+        seen.add(id(m))
+        modules.append(m)
+        if m._modules:
+            children = list(m._modules.values())
+            children.reverse()  # the stack pops them in registration order
+            stack.extend(children)
+    return modules
 
 
 class ModelState:
@@ -100,7 +122,7 @@ class ModelState:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        modules = list(model.modules())
+        modules = _modules_of(model)
         self.training = [(m, m.training) for m in modules]
         # one walk over the modules (as parameters() and buffers() would take them: in module
         # order, each tensor once), rather than three: this runs on every explain() call
@@ -127,7 +149,7 @@ class ModelState:
         for p, flag in zip(self.params, self.requires_grad):
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
-        if any(t.device != dev for t, dev in zip(self.tensors, self.devices)):
+        if self.devices != [t.device for t in self.tensors]:
             original = self.devices[0]
             if all(dev == original for dev in self.devices):
                 self.model.to(original)
@@ -290,7 +312,7 @@ class Engine:
         self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
-        self._one_row_convs = OneRowConvolutions() if conv_rows.available() and not self.scripted else None
+        self._one_row_convs: OneRowConvolutions | None = None  # made on the first one-row 3D pass
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -302,7 +324,7 @@ class Engine:
                 for p, flag in zip(state.params, state.requires_grad):
                     if flag:
                         p.requires_grad_(False)
-                if any(dev != self.device for dev in state.devices):
+                if state.devices.count(self.device) != len(state.devices):
                     self.model.to(self.device)
                 self._share_row_bytes(state)
                 self.layout.attach()
@@ -318,7 +340,7 @@ class Engine:
         depend on changed: the device, the output selected, the parameters' and buffers' shapes and dtypes,
         the module count."""
         setting = (str(self.device), repr(self.output_key), self.scripted, len(state.training),
-                   tuple((tuple(t.shape), t.dtype) for t in state.tensors))
+                   tuple([(t.shape, t.dtype) for t in state.tensors]))
         try:
             shared = _ROW_BYTES.setdefault(self.model, {}).setdefault(setting, {})
         except TypeError:  # a model that cannot be weakly referenced: estimates per engine
@@ -365,6 +387,8 @@ class Engine:
         """
         x = self.layout.arrange(x)
         if self._pads_one_row(x):
+            if self._one_row_convs is None:
+                self._one_row_convs = OneRowConvolutions()
             with self._one_row_convs:
                 return select_output(self.model(x), self.output_key)
         return select_output(self.model(x), self.output_key)
@@ -374,8 +398,8 @@ class Engine:
         pass, with the convolutions' rows doubled, surely fits the memory budget. Not under sliding
         windows: their budget is shared between a window batch and the volume's buffers, and counts
         the window batch once."""
-        if (x.shape[0] != 1 or x.ndim != 5 or x.device.type != "cpu" or self._one_row_convs is None
-                or self.sliding_window is not None):
+        if (x.shape[0] != 1 or x.ndim != 5 or x.device.type != "cpu" or self.scripted
+                or self.sliding_window is not None or not conv_rows.available()):
             return False
         row_shape = tuple(x.shape[1:])
         known = self._row_bytes.get(row_shape)

@@ -81,8 +81,8 @@ class Layout:
         """Share the choices already measured on this model in the same setting (the engine's entry)."""
         if self.channels_last is not None or self.engine._state is None:
             return
-        floats = [t for t in self.engine._state.tensors if t.is_floating_point()]
-        setting = (str(self.engine.device), floats[0].dtype if floats else None, torch.get_num_threads())
+        dtype = next((t.dtype for t in self.engine._state.tensors if t.is_floating_point()), None)
+        setting = (str(self.engine.device), dtype, torch.get_num_threads())
         try:
             per_model = _CHOICES.setdefault(self.engine.model, {})
         except TypeError:  # a model that cannot be weakly referenced: measure per engine

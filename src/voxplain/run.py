@@ -24,6 +24,7 @@ methods run in.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -72,14 +73,15 @@ def check_input(x) -> Tensor:
         raise ValueError(f"input is empty: shape {tuple(x.shape)}")
     # One reduction finds NaN/Inf (they propagate through a sum); only then, or on an
     # overflowing sum of finite values, is the element-wise check run.
-    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         bad = ~torch.isfinite(x)
         n_nan = int(torch.isnan(x).sum())
         raise ValueError(
             f"input contains {n_nan} NaN and {int(bad.sum()) - n_nan} infinite value(s); "
             "explanations need finite inputs"
         )
-    return x.detach().to(torch.float32)
+    x = x.detach()
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
 def seeded_generator(seed: int, salt: str) -> torch.Generator:

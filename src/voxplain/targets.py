@@ -14,7 +14,7 @@ import copy
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 import torch
@@ -176,11 +176,19 @@ class _BoundClass(BoundTarget):
     classes: Tensor
     output: str
     activation: str
+    # the class when every sample explains the same one: scored by one column, no index arithmetic
+    _same_class: int | None = field(init=False, default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        values = set(self.classes.tolist())
+        self._same_class = values.pop() if len(values) == 1 else None
 
     def score(self, output: Tensor, sample_index: Tensor) -> Tensor:
         if output.ndim != 2:
             raise ValueError(f"expected a (N, K) output, got shape {tuple(output.shape)}")
         act = _activate(output, self.output, self.activation)
+        if self._same_class is not None:
+            return act[:, self._same_class]
         cls = self.classes.to(output.device)[sample_index.to(output.device)]
         return act.gather(1, cls[:, None])[:, 0]
 
