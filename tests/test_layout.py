@@ -10,7 +10,7 @@ from torch import nn
 from tiny_models import classifier, segnet
 from voxplain import ClassTarget, Engine, SegmentationTarget, explain
 from voxplain.engine import ModelState
-from voxplain.layout import Layout
+from voxplain.layout import _UNSET, Layout, model_layout_only
 from voxplain.methods import create_methods
 from voxplain.run import Run
 
@@ -85,8 +85,20 @@ def test_model_comes_back_as_it_came_after_an_error_in_channels_last():
     assert _layouts(model) == before and list(model.parameters()) == params  # same Parameter objects
 
 
+def test_the_weights_come_back_in_their_own_storage():
+    # laid out channels-last for the passes, then given back as they came: the very tensors, not copies
+    model = classifier(dims=2)
+    storage = [p.data_ptr() for p in model.parameters()]
+    values = [p.detach().clone() for p in model.parameters()]
+    maps, engine = _explain_with(model, torch.randn(2, 2, 8, 8), ClassTarget(0), ["vanilla_gradient", "smoothgrad"],
+                                 {"smoothgrad": {"samples": 4}}, channels_last=True)
+    assert torch.channels_last in engine.layout.chosen.values()
+    assert [p.data_ptr() for p in model.parameters()] == storage
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))
+
+
 class _Clock:
-    """A clock that advances by the given seconds per reading pair (start, end of a piece of work)."""
+    """A clock that advances by the given seconds per reading pair (start, end of a probe)."""
 
     def __init__(self, durations):
         self.durations, self.now, self.reads = list(durations), 0.0, 0
@@ -98,6 +110,23 @@ class _Clock:
         return self.now
 
 
+KEY = ((2, 8, 8), True, False)  # rows of shape (2, 8, 8), forward and backward, several rows a pass
+
+
+def _probing(layout: Layout):
+    """A probe that records the layout each of its passes ran in (what the walk's rows would get)."""
+    seen = []
+
+    def probe(rows):
+        seen.append(layout._format_for((2, 8, 8), True, rows))
+    return probe, seen
+
+
+def _big(engine):
+    engine._row_bytes[(2, 8, 8)] = 1 << 30  # a model large enough to be worth a trial
+    return engine
+
+
 @pytest.mark.parametrize("durations, expected", [
     ([1.0, 1.2, 1.0, 0.5], torch.channels_last),  # channels-last clearly faster after warm-up
     ([1.0, 0.5, 1.0, 0.95], None),  # within the margin: keep the layout the model came in
@@ -105,44 +134,89 @@ class _Clock:
 ])
 def test_the_trial_keeps_the_faster_layout(monkeypatch, durations, expected):
     model = classifier(dims=2)
-    with Engine(model) as engine:
+    with _big(Engine(model)) as engine:
         layout: Layout = engine.layout
         monkeypatch.setattr(layout, "_clock", _Clock(durations + [1.0] * 10))
-        seen = []
-        for item in layout.over(range(8), (2, 8, 8), True, 8, lambda _: 1):
-            seen.append(layout.chosen.get(((2, 8, 8), True), "undecided"))
-        assert layout.chosen[((2, 8, 8), True)] is expected
-    if expected is torch.channels_last:  # the trial alternated (three passes each), then kept the winner
-        assert seen[:6] == [None, torch.channels_last] * 3
-        assert seen[6:] == [torch.channels_last] * 2
+        probe, probed = _probing(layout)
+        with layout.walk(2, (2, 8, 8), True, 16, probe):  # a long walk: measured on its first meeting
+            in_walk = [layout._format_for((2, 8, 8), True, rows) for rows in (2, 2, 1)]
+        assert layout.chosen[KEY] is expected
+        assert in_walk == [expected] * 3  # every pass of the walk, the smaller last one too, in one layout
+    if expected is torch.channels_last:  # the probes alternated (three each) before any pass of the walk
+        assert probed == [None, torch.channels_last] * 3
+    if durations == [0.001]:
+        assert probed == [None]
+
+
+def test_a_short_walk_is_measured_from_its_second_meeting_on(monkeypatch):
+    model = classifier(dims=2)
+    with _big(Engine(model)) as engine:
+        layout = engine.layout
+        monkeypatch.setattr(layout, "_clock", _Clock([1.0, 1.2, 1.0, 0.5] + [1.0] * 10))
+        probe, probed = _probing(layout)
+        with layout.walk(2, (2, 8, 8), True, 3, probe):
+            assert layout._format_for((2, 8, 8), True, 2) is None  # the model's own layout, undecided
+        assert probed == [] and KEY not in layout.chosen
+    with _big(Engine(model)) as again:  # the next call on the same model: the trial is due
+        monkeypatch.setattr(again.layout, "_clock", _Clock([1.0, 1.2, 1.0, 0.5] + [1.0] * 10))
+        probe, probed = _probing(again.layout)
+        with again.layout.walk(2, (2, 8, 8), True, 1, probe):
+            pass
+        assert len(probed) == 6 and again.layout.chosen[KEY] is torch.channels_last
+
+
+def test_a_walk_inside_a_walk_over_the_same_rows_keeps_its_layout(monkeypatch):
+    with _big(Engine(classifier(dims=2))) as engine:
+        layout = engine.layout
+        layout.chosen[KEY] = torch.channels_last
+        layout.chosen[((2, 8, 8), True, True)] = None  # one-row passes chose otherwise
+        probe, _ = _probing(layout)
+        with layout.walk(2, (2, 8, 8), True, 4, probe):
+            with layout.walk(1, (2, 8, 8), True, 1, probe):  # a pass of the walk, chunked again
+                assert layout._format_for((2, 8, 8), True, 1) is torch.channels_last
+        assert layout._format_for((2, 8, 8), True, 1) is None
 
 
 def test_the_choice_is_remembered_for_the_model(monkeypatch):
     # each explain() opens an engine: a later one on the same model must not measure again
     model = classifier(dims=2)
-    with Engine(model) as engine:
+    with _big(Engine(model)) as engine:
         monkeypatch.setattr(engine.layout, "_clock", _Clock([1.0, 1.2, 1.0, 0.5] + [1.0] * 10))
-        list(engine.layout.over(range(8), (2, 8, 8), True, 8, lambda _: 1))
-    with Engine(model) as again:
-        assert again.layout.chosen[((2, 8, 8), True)] is torch.channels_last
-        assert not again.layout.wants_trial((2, 8, 8), True, 1 << 40)
-        seen = [again.layout.chosen[((2, 8, 8), True)] for _ in again.layout.over(range(8), (2, 8, 8), True, 8,
-                                                                                   lambda _: 1)]
-        assert seen == [torch.channels_last] * 8  # no alternation: no trial
+        with engine.layout.walk(2, (2, 8, 8), True, 16, _probing(engine.layout)[0]):
+            pass
+    with _big(Engine(model)) as again:
+        assert again.layout.chosen[KEY] is torch.channels_last
+        probe, probed = _probing(again.layout)
+        with again.layout.walk(2, (2, 8, 8), True, 16, probe):
+            assert again.layout._format_for((2, 8, 8), True, 2) is torch.channels_last
+        assert probed == []  # no trial
     with Engine(classifier(dims=2)) as other:  # another model measures for itself
-        assert ((2, 8, 8), True) not in other.layout.chosen
+        assert KEY not in other.layout.chosen
     with Engine(model, channels_last=False) as forced:  # a forced layout ignores what was measured
-        assert ((2, 8, 8), True) not in forced.layout.chosen
+        assert KEY not in forced.layout.chosen
 
 
-def test_no_trial_on_short_work_or_without_convolutions():
+def test_no_trial_on_tiny_models_or_without_convolutions():
     with Engine(classifier(dims=2)) as engine:
-        assert list(engine.layout.over(range(3), (2, 8, 8), True, 3, lambda _: 1)) == [0, 1, 2]
-        assert ((2, 8, 8), True) not in engine.layout.chosen  # undecided: too little work to measure
+        engine._row_bytes[(2, 8, 8)] = 1024  # a tiny model: never probed, however often met
+        probe, probed = _probing(engine.layout)
+        for _ in range(3):
+            with engine.layout.walk(2, (2, 8, 8), True, 16, probe):
+                pass
+        assert probed == [] and KEY not in engine.layout.chosen
         assert engine.layout.candidate((2, 8)) is None  # 1D rows: no channels-last format
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8 * 8, 3))
     with Engine(mlp) as engine:
         assert engine.layout.candidate((2, 8, 8)) is None  # no 2D convolution to gain from it
+
+
+def test_a_probe_the_model_refuses_decides_nothing(monkeypatch):
+    with _big(Engine(classifier(dims=2))) as engine:
+        def refuse(rows):
+            raise RuntimeError("not on these rows")
+        with engine.layout.walk(2, (2, 8, 8), True, 16, refuse):
+            assert engine.layout._format_for((2, 8, 8), True, 2) is None
+        assert engine.layout.chosen[KEY] is None and engine.layout._forced is _UNSET  # the probe's format ends
 
 
 def test_tiny_models_are_never_timed():
@@ -165,3 +239,16 @@ def test_blur_ig_runs_in_the_model_layout_even_when_channels_last_is_forced():
     assert torch.equal(forced["blur_ig"], plain["blur_ig"])
     assert not engine.layout._pinned  # the pin ends with the method
     assert _layouts(model) == _layouts(classifier(dims=2, seed=3))
+
+
+def test_model_layout_only_turns_the_trials_off():
+    # the evaluation commands run inside it: their metrics must not depend on a timing
+    with model_layout_only():
+        with _big(Engine(classifier(dims=2))) as engine:
+            probe, probed = _probing(engine.layout)
+            for _ in range(2):
+                with engine.layout.walk(2, (2, 8, 8), True, 16, probe):
+                    assert engine.layout._format_for((2, 8, 8), True, 2) is None
+            assert probed == [] and engine.layout.chosen[KEY] is None
+    with Engine(classifier(dims=2)) as engine:
+        assert engine.layout.channels_last is None  # measured again outside it

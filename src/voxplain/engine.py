@@ -309,6 +309,8 @@ class Engine:
         self._state: ModelState | None = None
         self._row_bytes: dict[tuple[int, ...], int] = {}
         self._window_channels: dict[tuple[int, ...], int] = {}
+        # a row of the input per row shape, for layout probes (see _probe)
+        self._probe_rows: dict[tuple[int, ...], Tensor] = {}
         self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
@@ -352,9 +354,11 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self._depth -= 1
         if self._depth == 0 and self._state is not None:
-            self._state.restore()
-            self._state = None
-            self.layout.forget_model_format()
+            try:
+                self.layout.forget_model_format()  # the weights as they came, put back without a copy
+            finally:
+                self._state.restore()
+                self._state = None
 
     @contextlib.contextmanager
     def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False,
@@ -385,6 +389,7 @@ class Engine:
         tensor the model returns, or the one :attr:`output_key` selects from its tuple, list or
         dict (:func:`~voxplain.model_outputs.select_output`).
         """
+        self._remember_row(x)
         x = self.layout.arrange(x)
         if self._pads_one_row(x):
             if self._one_row_convs is None:
@@ -392,6 +397,11 @@ class Engine:
             with self._one_row_convs:
                 return select_output(self.model(x), self.output_key)
         return select_output(self.model(x), self.output_key)
+
+    def _remember_row(self, x: Tensor) -> None:
+        """Keep a copy of the first row of ``x`` for layout probes of its shape (once per shape)."""
+        if x.shape[1:] not in self._probe_rows:
+            self._probe_rows[tuple(x.shape[1:])] = x[:1].detach().to(self.device, copy=True)
 
     def _pads_one_row(self, x: Tensor) -> bool:
         """Whether a call on ``x`` runs one-row convolutions as two rows: one 3D row on the CPU whose
@@ -469,28 +479,46 @@ class Engine:
     def chunks(self, n_rows: int, row_shape: Sequence[int], backward: bool = True) -> Iterator[slice]:
         """Slices covering ``range(n_rows)`` in pieces that fit one pass.
 
-        The first pieces of a long enough walk also choose the memory layout for the row
-        shape (:meth:`Layout.over`); a walk of a few passes is then cut into a few more.
+        The walk runs in one memory layout from its first pass to its last (:meth:`Layout.walk`,
+        which may measure the layout first).
         """
+        row_shape = tuple(row_shape)
         if n_rows == 1 and (self.batch_size is not None or not self._is_large_pass(row_shape)):
             # nothing to split and nothing to refuse: skip the size estimate (a forward pass of its own)
-            yield slice(0, n_rows)
+            with self._walk(1, row_shape, backward, 1):
+                yield slice(0, n_rows)
             return
-        row_shape = tuple(row_shape)
         per_pass = self.rows_per_chunk(row_shape, backward)
         # Equal chunks rather than full ones and a small remainder: a pass of few rows
         # costs nearly as much as a full one on CPU, and smaller passes are often faster per row.
-        n_chunks = math.ceil(n_rows / per_pass)
-        if self.sliding_window is not None:  # the layout trial times whole passes; windows run inside one
-            step = math.ceil(n_rows / n_chunks)
-            yield from (slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step))
-            return
-        if self.batch_size is None:  # a given batch size is kept as it is, trial or not
-            n_chunks = self.layout.passes_for_trial(n_rows, n_chunks, row_shape, backward,
-                                                    lambda: n_rows * self._estimate_row_bytes(row_shape))
-        step = math.ceil(n_rows / n_chunks)
+        step = math.ceil(n_rows / math.ceil(n_rows / per_pass))
         slices = [slice(start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
-        yield from self.layout.over(slices, row_shape, backward, len(slices), lambda sl: sl.stop - sl.start)
+        if self.sliding_window is not None:  # windows run inside each pass: nothing to lay out here
+            yield from slices
+            return
+        with self._walk(step, row_shape, backward, len(slices)):
+            yield from slices
+
+    def _walk(self, rows: int, row_shape: tuple[int, ...], backward: bool, n_passes: int):
+        """:meth:`Layout.walk` for passes of ``rows`` rows, probing with :meth:`_probe`."""
+        return self.layout.walk(rows, row_shape, backward, n_passes,
+                                lambda n: self._probe(n, row_shape, backward))
+
+    def _probe(self, rows: int, row_shape: tuple[int, ...], backward: bool) -> None:
+        """One pass of ``rows`` rows of ``row_shape`` whose result is thrown away (a layout trial's
+        timing): copies of a row of the explained input where the engine saw one, else zeros; with
+        ``backward``, the gradient of the output's sum (any score costs one backward through the model)."""
+        seen = self._probe_rows.get(row_shape)
+        row = seen if seen is not None else torch.zeros((1, *row_shape), device=self.device)
+        x = row.expand(rows, *row_shape).contiguous()
+        if not backward:
+            with torch.no_grad():
+                self._call_model(x)
+            return
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            out = self._call_model(x)
+            torch.autograd.grad(out.sum(), x, allow_unused=True)
 
     def has_run_on(self, row_shape: Sequence[int]) -> bool:
         """True if the model has run on rows of ``row_shape`` before (a size estimate for them exists,
@@ -629,6 +657,7 @@ class Engine:
         self._require_prepared()
         if self.sliding_window is not None:
             return engine_windows.gradients(self, x, target, sample_index, layers, guided, input_gradient)
+        self._remember_row(x)
         parts = [self._gradient_pass(x[sl], target, sample_index[sl], layers, guided, input_gradient)
                  for sl in self.chunks(x.shape[0], x.shape[1:])]
         return Gradients.concat(parts)
@@ -658,6 +687,7 @@ class Engine:
         activations: list[tuple[nn.Module, Tensor, object]] | None = [] if guided else None
         seen: list[LayerInfo] | None = [] if trace else None
         leaf_bytes = 0
+        self._remember_row(x)
 
         start_graph = not input_gradient and not trace and bool(layers)
 
@@ -674,37 +704,39 @@ class Engine:
             if isinstance(output, Tensor) and output.requires_grad:
                 activations.append((module, output, output.grad_fn))
 
-        hooks = HookSet()
-        try:
-            if trace:
-                names = {m: n for n, m in self.model.named_modules()}
-                leaves = {m for m in names if next(m.children(), None) is None}
+        # the walk of this one pass: a layout trial due here probes before any hook is installed
+        with self._walk(x.shape[0], tuple(x.shape[1:]), True, 1):
+            hooks = HookSet()
+            try:
+                if trace:
+                    names = {m: n for n, m in self.model.named_modules()}
+                    leaves = {m for m in names if next(m.children(), None) is None}
 
-                def record(module, inputs, output):
-                    nonlocal leaf_bytes
-                    is_tensor = isinstance(output, Tensor)
-                    if is_tensor and module in leaves:
-                        leaf_bytes += output.numel() * output.element_size()
-                    seen.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
-                    keep(module, inputs, output)
-                    if activations is not None and isinstance(module, GUIDABLE):
-                        keep_activation(module, inputs, output)
+                    def record(module, inputs, output):
+                        nonlocal leaf_bytes
+                        is_tensor = isinstance(output, Tensor)
+                        if is_tensor and module in leaves:
+                            leaf_bytes += output.numel() * output.element_size()
+                        seen.append(LayerInfo(names.get(module, "?"), module, tuple(output.shape) if is_tensor else None))
+                        keep(module, inputs, output)
+                        if activations is not None and isinstance(module, GUIDABLE):
+                            keep_activation(module, inputs, output)
 
-                for m in names:
-                    if m is not self.model:
-                        hooks.add(m.register_forward_hook(record))
-            else:
-                for layer in dict.fromkeys(layers):
-                    hooks.add(layer.register_forward_hook(keep))
-                if activations is not None:
-                    for m in self.model.modules():
-                        if isinstance(m, GUIDABLE):
-                            hooks.add(m.register_forward_hook(keep_activation))
-            leaf = x.detach().to(self.device).requires_grad_(not start_graph)
-            with torch.enable_grad():
-                out = self._call_model(leaf)
-        finally:
-            hooks.remove()
+                    for m in names:
+                        if m is not self.model:
+                            hooks.add(m.register_forward_hook(record))
+                else:
+                    for layer in dict.fromkeys(layers):
+                        hooks.add(layer.register_forward_hook(keep))
+                    if activations is not None:
+                        for m in self.model.modules():
+                            if isinstance(m, GUIDABLE):
+                                hooks.add(m.register_forward_hook(keep_activation))
+                leaf = x.detach().to(self.device).requires_grad_(not start_graph)
+                with torch.enable_grad():
+                    out = self._call_model(leaf)
+            finally:
+                hooks.remove()
         row_shape = tuple(x.shape[1:])
         if trace and x.shape[0] == 1 and row_shape not in self._row_bytes:  # the size estimate comes free
             self._set_row_bytes(row_shape, leaf_bytes)

@@ -2,14 +2,19 @@
 
 Convolutions on CPU (oneDNN) and on recent GPUs often run faster with the channels
 innermost (``torch.channels_last`` for 2D, ``torch.channels_last_3d`` for 3D). Whether a
-given model, input shape and pass kind (forward only, or forward and backward) gains is
-measured, not assumed: the first passes of a long enough piece of work alternate the two
-layouts and time themselves, and the faster one (by a clear margin) is kept for that row
-shape and pass kind. The passes of a trial are real work: only the slower layout's share
-of the first few passes is lost. The choice is remembered for the model (weakly: it goes
-with the model), its device, dtype and the thread count, so that later engines on the same
-model (each ``explain()`` call opens one) do not measure again. It decides speed only:
-maps are the same in either layout.
+given model gains, for a row shape, a pass kind (forward only, or forward and backward) and
+one row or several per pass, is measured, not assumed, by a trial: probe passes over rows of
+that shape (a row of the explained input where the engine saw one, else zeros) alternate the
+two layouts and are timed, and the faster layout (by a clear margin) is kept. The trial runs
+at the start of a walk (all the passes of one piece of work), before any of its passes, and
+a walk runs in one layout from its first pass to its last: maps never mix layouts.
+
+A trial costs a few probe passes, so it runs only where it pays: on a walk of many passes,
+or on a kind of pass the model met in an earlier walk (a second call on the same model, the
+usual case in a cohort or a benchmark). The choice is remembered for the model (weakly: it
+goes with the model), its device, dtype and the thread count, so that later engines on the
+same model (each ``explain()`` call opens one) do not measure again. It decides speed only:
+maps agree across layouts to float rounding.
 
 The model's parameters are laid out to match the rows (and back as they came when the
 engine restores the model); maps come back in the input's layout.
@@ -18,11 +23,12 @@ engine restores the model); maps come back in the input's layout.
 from __future__ import annotations
 
 import contextlib
-import math
+import contextvars
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -30,27 +36,61 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["Layout", "channels_last_format"]
+__all__ = ["Layout", "channels_last_format", "model_layout_only"]
 
-#: Passes of a trial, in order: None = the layout the model came in, else channels-last. The
-#: first pass of each layout warms up (new kernels, new buffers); the quicker of the others is
-#: compared (one pass each would let a moment's load decide).
+#: Probe passes of a trial, in order: None = the layout the model came in, else channels-last. The
+#: first probe of each layout warms up (new kernels, new buffers); the quicker of the others is
+#: compared (one probe each would let a moment's load decide).
 _TRIAL = (None, "cl", None, "cl", None, "cl")
-#: A trial runs only where a piece of work has at least this many passes left after the trial.
-_TRIAL_MIN_LEFT = 2
+#: A walk of at least this many passes runs a trial on its first meeting (its probes then cost
+#: little against the walk); a shorter one runs it from the second meeting of its kind of pass on.
+_TRIAL_MIN_PASSES = 16
 #: Passes quicker than this are too short to time reliably (and too cheap to matter): no trial.
 _TRIAL_MIN_SECONDS = 0.005
-#: A trial's passes take at least this many rows each: a layout's gain on batches is not its gain
-#: on one row (measured on a 2D CNN, channels-last: 1.4x faster per row on 2-16 rows, slower on one).
-TRIAL_MIN_ROWS = 2
-#: Work (estimated bytes of all its passes) from which a walk is cut into enough passes for a trial.
-_TRIAL_MIN_WORK_BYTES = 64 * 1024**2
-#: Channels-last is kept only if its pass takes at most this fraction of the other's time.
+#: Models whose row needs less than this (estimated) are never probed: their passes are too cheap for
+#: the layout to matter, and their maps stay the same from process to process (toy models, tests).
+_TRIAL_MIN_ROW_BYTES = 12 * 1024**2
+#: Channels-last is kept only if its probe takes at most this fraction of the other's time.
 _MARGIN = 0.9
 
-#: Choices measured per model: model -> {(device, dtype, threads): {(row shape, backward): format}}.
+#: A choice's key: (row shape, backward, one row per pass). One row and a batch are measured apart:
+#: on a 2D CNN at 112^2 channels-last was 1.3-1.4x faster per row on 2-16 rows, no faster on one.
+Key = tuple[tuple[int, ...], bool, bool]
+
+
+@dataclass
+class _Measured:
+    """What trials decided for one model in one setting, and the kinds of pass it has met."""
+
+    chosen: dict[Key, torch.memory_format | None] = field(default_factory=dict)
+    met: set[Key] = field(default_factory=set)
+
+
+#: Choices measured per model: model -> {(device, dtype, threads): _Measured}.
 #: Weak, so a model's entry goes with the model; it holds timing decisions only, never tensors.
 _CHOICES: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_UNSET = object()
+#: True inside model_layout_only(): engines opened there measure nothing and keep the model's layout.
+_MODEL_LAYOUT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("voxplain_model_layout_only",
+                                                                          default=False)
+
+
+@contextlib.contextmanager
+def model_layout_only() -> Iterator[None]:
+    """While open (also as a decorator), engines that would measure the layout run every pass in the
+    model's own layout instead.
+
+    For results that must be the same to the byte wherever they are computed: a trial's
+    choice depends on timing, and a kind of pass is measured from its second meeting on, so
+    the layout (and the rounding of the last bits) can differ between one process that
+    sees every case and cluster workers that see a few each. The evaluation commands'
+    metrics are such results.
+    """
+    token = _MODEL_LAYOUT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _MODEL_LAYOUT_ONLY.reset(token)
 
 
 def channels_last_format(row_ndim: int) -> torch.memory_format | None:
@@ -58,8 +98,13 @@ def channels_last_format(row_ndim: int) -> torch.memory_format | None:
     return {3: torch.channels_last, 4: torch.channels_last_3d}.get(row_ndim)
 
 
+def choice_key(row_shape, backward: bool, rows: int) -> Key:
+    """The key a layout choice is kept under for passes of ``rows`` rows of ``row_shape``."""
+    return tuple(row_shape), bool(backward), rows == 1
+
+
 class Layout:
-    """The memory layout of one engine's passes, chosen per row shape and pass kind.
+    """The memory layout of one engine's passes, chosen per row shape, pass kind and pass size.
 
     Args:
         engine: the engine whose model and passes it lays out.
@@ -69,13 +114,22 @@ class Layout:
 
     def __init__(self, engine: "Engine", channels_last: bool | None = None) -> None:
         self.engine = engine
-        self.channels_last = channels_last
-        # (row shape, backward) -> format (None: as the model came); absent: not decided yet
-        self.chosen: dict[tuple[tuple[int, ...], bool], torch.memory_format | None] = {}
-        self.timings: dict[tuple[tuple[int, ...], bool], dict[str, float]] = {}
+        self.channels_last = False if channels_last is None and _MODEL_LAYOUT_ONLY.get() else channels_last
+        self._measured = _Measured()
+        self.timings: dict[Key, dict[str, float]] = {}
         self._model_format: torch.memory_format | None = None
-        self._trying: set[tuple[tuple[int, ...], bool]] = set()
+        # while the model is laid out otherwise: each weight's tensor as it came, and the copies per format
+        self._originals: dict[Tensor, Tensor] = {}
+        self._copies: dict[torch.memory_format, dict[Tensor, Tensor]] = {}
+        # (row shape, backward) -> format held by the walks open for such rows (see walk)
+        self._held: dict[tuple[tuple[int, ...], bool], torch.memory_format | None] = {}
+        self._forced = _UNSET  # the format of a trial's probe while it runs
         self._pinned = 0  # > 0 while in_model_layout() is open
+
+    @property
+    def chosen(self) -> dict[Key, torch.memory_format | None]:
+        """Decided formats (None: as the model came) per :func:`choice_key`; absent: not decided yet."""
+        return self._measured.chosen
 
     def attach(self) -> None:
         """Share the choices already measured on this model in the same setting (the engine's entry)."""
@@ -87,25 +141,53 @@ class Layout:
             per_model = _CHOICES.setdefault(self.engine.model, {})
         except TypeError:  # a model that cannot be weakly referenced: measure per engine
             return
-        shared = per_model.setdefault(setting, {})
+        shared = per_model.setdefault(setting, _Measured())
         for key, fmt in self.chosen.items():  # what this engine chose before, in another setting or none
-            shared.setdefault(key, fmt)
-        self.chosen = shared
+            shared.chosen.setdefault(key, fmt)
+        shared.met |= self._measured.met
+        self._measured = shared
 
     # -- running in a layout -----------------------------------------------------
     def arrange(self, x: Tensor) -> Tensor:
-        """Rows ``x`` in the layout chosen for their shape and pass kind; the model laid out to match.
-
-        One row runs in the layout the model came in unless channels-last is forced: the trials
-        measure batches, and a layout faster on batches can be slower on one row.
-        """
-        if self._pinned or (x.shape[0] == 1 and not self.channels_last):
-            fmt = None
-        else:
-            fmt = self.chosen.get((tuple(x.shape[1:]), torch.is_grad_enabled()))
+        """Rows ``x`` in the layout of the walk they belong to (else the one chosen for their kind of
+        pass, else the model's own); the model laid out to match."""
+        fmt = self._format_for(tuple(x.shape[1:]), torch.is_grad_enabled(), x.shape[0])
         if fmt is not self._model_format:
             self._lay_out_model(fmt)
         return x if fmt is None else x.contiguous(memory_format=fmt)
+
+    def _format_for(self, row_shape: tuple[int, ...], backward: bool, rows: int) -> torch.memory_format | None:
+        if self._pinned:
+            return None
+        if self._forced is not _UNSET:
+            return self._forced
+        held = self._held.get((row_shape, backward), _UNSET)
+        if held is not _UNSET:
+            return held
+        if self.channels_last is None:
+            return self.chosen.get(choice_key(row_shape, backward, rows))
+        return self._decided(choice_key(row_shape, backward, rows))
+
+    @contextlib.contextmanager
+    def walk(self, rows: int, row_shape, backward: bool, n_passes: int,
+             probe: Callable[[int], None]) -> Iterator[None]:
+        """Hold one layout for every pass of a walk: ``n_passes`` passes of ``rows`` rows (the last may
+        have fewer) of ``row_shape``; ``probe(rows)`` runs one pass of that size, for a trial.
+
+        The layout is the one chosen for this kind of pass, decided here if it is not yet (a trial,
+        where it pays: see the module's notes). A walk opened inside another over the same rows (a
+        pass of the outer walk chunked again) runs in the outer walk's layout.
+        """
+        held_key = (tuple(row_shape), bool(backward))
+        if self._pinned or held_key in self._held:
+            yield
+            return
+        key = choice_key(row_shape, backward, rows)
+        self._held[held_key] = self._decided(key, rows, n_passes, probe)
+        try:
+            yield
+        finally:
+            del self._held[held_key]
 
     @contextlib.contextmanager
     def in_model_layout(self) -> Iterator[None]:
@@ -125,22 +207,35 @@ class Layout:
             return grad
         return torch.empty_like(x, memory_format=torch.preserve_format).copy_(grad)
 
-    def forget_model_format(self) -> None:
-        """The model was restored as it came (the engine's exit)."""
-        self._model_format = None
-
     def _lay_out_model(self, fmt: torch.memory_format | None) -> None:
+        """Lay the model's weights out in ``fmt`` (None: as they came). The weights as they came are kept
+        and put back as they are (same storage, no copy); each layout's copies are made once per engine."""
         state = self.engine._state
         if state is None:
             return
         if fmt is None:
+            for t, original in self._originals.items():
+                t.data = original
             state.restore_layout()
         else:
             rank = 4 if fmt is torch.channels_last else 5
+            copies = self._copies.setdefault(fmt, {})
             for t in state.tensors:
                 if t.ndim == rank and t.is_floating_point():
-                    t.data = t.data.contiguous(memory_format=fmt)
+                    original = self._originals.setdefault(t, t.data)
+                    if t not in copies:
+                        copies[t] = original.contiguous(memory_format=fmt)
+                    t.data = copies[t]
         self._model_format = fmt
+
+    def forget_model_format(self) -> None:
+        """The engine restored the model (its exit): put the weights as they came back, drop the copies."""
+        if self._model_format is not None:
+            for t, original in self._originals.items():
+                t.data = original
+        self._originals.clear()
+        self._copies.clear()
+        self._model_format = None
 
     # -- choosing -------------------------------------------------------------------
     def candidate(self, row_shape: tuple[int, ...]) -> torch.memory_format | None:
@@ -153,80 +248,48 @@ class Layout:
             return None  # no convolution weight of that rank: nothing to gain
         return fmt
 
-    @property
-    def trial_passes(self) -> int:
-        """Passes a piece of work needs for a trial to run on it."""
-        return len(_TRIAL) + _TRIAL_MIN_LEFT
-
-    def passes_for_trial(self, n_rows: int, n_chunks: int, row_shape: tuple[int, ...], backward: bool,
-                         work_bytes: Callable[[], int]) -> int:
-        """How many passes a walk of ``n_rows`` rows, planned as ``n_chunks`` passes, takes: ``n_chunks``,
-        or :attr:`trial_passes` where it is too few for a trial that is wanted and the cut gives that
-        many passes of at least :data:`TRIAL_MIN_ROWS` rows (a cut that runs no trial would only make
-        the call slower). ``work_bytes()`` (an estimate that may cost a forward pass) is asked last."""
-        trial = self.trial_passes
-        if n_chunks >= trial or trial * TRIAL_MIN_ROWS > n_rows:
-            return n_chunks
-        if len(range(0, n_rows, math.ceil(n_rows / trial))) < trial:  # equal passes: fewer come out
-            return n_chunks
-        return trial if self.wants_trial(row_shape, backward, work_bytes()) else n_chunks
-
-    def wants_trial(self, row_shape: tuple[int, ...], backward: bool, work_bytes: int) -> bool:
-        """True if work of ``work_bytes`` (estimated) on rows of ``row_shape`` should run a trial
-        (so is worth cutting into :attr:`trial_passes` passes)."""
-        key = (tuple(row_shape), bool(backward))
-        return (self.channels_last is None and key not in self.chosen and key not in self._trying
-                and work_bytes >= _TRIAL_MIN_WORK_BYTES and self.candidate(key[0]) is not None)
-
-    def over(self, items: Iterable[Any], row_shape: tuple[int, ...], backward: bool, n_items: int,
-             rows_of: Callable[[Any], int]) -> Iterator[Any]:
-        """Yield ``items`` (``n_items`` pieces of work, each one pass of ``rows_of(item)`` rows of
-        ``row_shape``), choosing the layout for that row shape and pass kind on the way.
-
-        If it is not chosen yet and enough pieces follow, the first ones are a trial that
-        alternates the layouts and times each piece (from its yield to the next request).
-        """
-        key = (tuple(row_shape), bool(backward))
-        if key in self.chosen or key in self._trying or self._pinned:
-            yield from items
-            return
+    def _decided(self, key: Key, rows: int = 1, n_passes: int = 1,
+                 probe: Callable[[int], None] | None = None) -> torch.memory_format | None:
+        """The format for passes of ``key``: the one chosen, else decided now where that is cheap or pays
+        (no candidate, a forced layout, a trial that is due), else the model's own (undecided)."""
+        if key in self.chosen:
+            return self.chosen[key]
         fmt = self.candidate(key[0])
-        if fmt is None or self.channels_last is True:
+        if fmt is None or self.channels_last is not None:
             self.chosen[key] = fmt
-            yield from items
-            return
-        if n_items < self.trial_passes:
-            yield from items
-            return
-        self._trying.add(key)
-        per_row: dict[str, list[float]] = {"channels_first": [], "channels_last": []}
+            return fmt
+        if probe is not None and self._trial_due(key, n_passes):
+            self.chosen[key] = self._trial(key, fmt, lambda: probe(rows))
+            return self.chosen[key]
+        self._measured.met.add(key)
+        return None
+
+    def _trial_due(self, key: Key, n_passes: int) -> bool:
+        if key not in self._measured.met and n_passes < _TRIAL_MIN_PASSES:
+            return False  # a first, short walk: not worth probing (yet)
+        per_row = self.engine._row_bytes.get(key[0])  # known once the model ran on such rows
+        return per_row is not None and per_row >= _TRIAL_MIN_ROW_BYTES
+
+    def _trial(self, key: Key, fmt: torch.memory_format, probe: Callable[[], None]) -> torch.memory_format | None:
+        """Time ``probe`` in each layout (:data:`_TRIAL`) and return the faster by :data:`_MARGIN`."""
+        seconds: dict[str, list[float]] = {"channels_first": [], "channels_last": []}
         try:
-            it = iter(items)
             for i, which in enumerate(_TRIAL):
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                self.chosen[key] = None if which is None else fmt
+                self._forced = None if which is None else fmt
                 start = self._clock()
-                yield item
-                seconds = self._clock() - start
-                if i == 0 and seconds < _TRIAL_MIN_SECONDS:
-                    break  # too quick to time or to matter: keep the layout the model came in
+                probe()
+                taken = self._clock() - start
+                if i == 0 and taken < _TRIAL_MIN_SECONDS:
+                    return None  # too quick to time or to matter: the layout the model came in
                 if i >= 2:
-                    name = "channels_first" if which is None else "channels_last"
-                    per_row[name].append(seconds / max(1, rows_of(item)))
-            best = {name: min(times) for name, times in per_row.items() if times}
-            faster = len(best) == 2 and best["channels_last"] <= _MARGIN * best["channels_first"]
-            self.chosen[key] = fmt if faster else None
-            if best:
-                self.timings[key] = best
-            self._trying.discard(key)
-            yield from it
+                    seconds["channels_first" if which is None else "channels_last"].append(taken)
+        except Exception:  # a probe the model refuses decides nothing: the work itself goes on as it came
+            return None
         finally:
-            if key in self._trying:  # stopped during the trial: nothing decided
-                self._trying.discard(key)
-                self.chosen.pop(key, None)
+            self._forced = _UNSET
+        best = {name: min(times) for name, times in seconds.items()}
+        self.timings[key] = best
+        return fmt if best["channels_last"] <= _MARGIN * best["channels_first"] else None
 
     def _clock(self) -> float:
         device = self.engine.device

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import create_methods
+from ..layout import model_layout_only
 from ..run import open_run
 from ..targets import (BratsRegionTarget, ClassTarget, EmptyRegionError, SegmentationTarget, Target, as_target,
                        freeze_region)
@@ -163,6 +164,7 @@ class CaseRandomisation:
     values: dict[str, dict[str, float]]
 
 
+@model_layout_only()  # metrics the same to the byte in one process or on a cluster
 def evaluate_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
                   options: Mapping[str, Mapping[str, Any]] | None = None, families: Sequence[str] = FAMILIES,
                   steps: int = 20, baseline="zero", pic_thresholds: Sequence[float] | None = None,
@@ -226,6 +228,7 @@ def evaluate_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
                        freeze_region(target, exp.output))
 
 
+@model_layout_only()
 def randomise_case(model: nn.Module, case: EvalCase, methods: Sequence[str],
                    options: Mapping[str, Mapping[str, Any]] | None = None, random_logits: bool = False,
                    seed: int = 0, device=None, batch_size: int | None = None, memory_budget=None,
