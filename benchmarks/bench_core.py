@@ -239,8 +239,8 @@ def bench_methods(case: Case, methods, repeats: int, steps: int, gig_steps: int,
     with Engine(case.model) as engine:
         rows = engine.rows_per_chunk(tuple(case.x.shape[1:]))
     # warm-up: first calls pay for library initialisation and kernel selection, and ours for the
-    # one-off channels-last trial of this model and row shape (remembered for the model): what is
-    # timed is the steady state a user has from the next call on
+    # one-off channels-last trial of this model and row shape (remembered for the model; a kind of
+    # pass is measured at its second meeting): what is timed is the steady state a user has from then on
     for _ in range(WARM_UP_CALLS):
         ours(case, "vanilla_gradient", {})
         ours(case, "integrated_gradients", {"steps": 16})

@@ -142,8 +142,8 @@ def test_the_trial_keeps_the_faster_layout(monkeypatch, durations, expected):
             in_walk = [layout._format_for((2, 8, 8), True, rows) for rows in (2, 2, 1)]
         assert layout.chosen[KEY] is expected
         assert in_walk == [expected] * 3  # every pass of the walk, the smaller last one too, in one layout
-    if expected is torch.channels_last:  # the probes alternated (three each) before any pass of the walk
-        assert probed == [None, torch.channels_last] * 3
+    if expected is torch.channels_last:  # the probes alternated (four each) before any pass of the walk
+        assert probed == [None, torch.channels_last] * 4
     if durations == [0.001]:
         assert probed == [None]
 
@@ -162,7 +162,7 @@ def test_a_short_walk_is_measured_from_its_second_meeting_on(monkeypatch):
         probe, probed = _probing(again.layout)
         with again.layout.walk(2, (2, 8, 8), True, 1, probe):
             pass
-        assert len(probed) == 6 and again.layout.chosen[KEY] is torch.channels_last
+        assert len(probed) == 8 and again.layout.chosen[KEY] is torch.channels_last
 
 
 def test_a_walk_inside_a_walk_over_the_same_rows_keeps_its_layout(monkeypatch):

@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["Layout", "channels_last_format", "model_layout_only"]
 
 #: Probe passes of a trial, in order: None = the layout the model came in, else channels-last. The
-#: first probe of each layout warms up (new kernels, new buffers); the quicker of the others is
+#: first probe of each layout warms up (new kernels, new buffers); the quickest of the others is
 #: compared (one probe each would let a moment's load decide).
-_TRIAL = (None, "cl", None, "cl", None, "cl")
+_TRIAL = (None, "cl") * 4
 #: A walk of at least this many passes runs a trial on its first meeting (its probes then cost
 #: little against the walk); a shorter one runs it from the second meeting of its kind of pass on.
 _TRIAL_MIN_PASSES = 16
