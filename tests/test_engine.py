@@ -148,6 +148,33 @@ def test_chunked_gradients_equal_unchunked():
     assert ref.inputs.shape == x.shape and ref.scores.shape == (5,)
 
 
+def test_the_one_row_tail_of_a_walk_runs_as_two_rows():
+    # PyTorch runs other kernels on one row: a walk of two-row passes keeps them for its last row too
+    model = segnet(dims=2)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 12, 12)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        with Engine(model, batch_size=2) as engine:
+            bound = SegmentationTarget(1).bind(engine.forward(x[:1]))
+            seen.clear()
+            walk = engine.gradients(x, bound, torch.zeros(3, dtype=torch.long), layers=[model.dec[0]])
+            assert seen == [2, 2]
+            pair = engine.gradients(x[2:].repeat(2, 1, 1, 1), bound, torch.zeros(2, dtype=torch.long),
+                                    layers=[model.dec[0]])
+        with Engine(model, batch_size=1) as engine:  # a walk of one-row passes stays one row a pass
+            seen.clear()
+            engine.gradients(x, bound, torch.zeros(3, dtype=torch.long))
+            assert seen == [1, 1, 1]
+    finally:
+        handle.remove()
+    assert walk.inputs.shape == x.shape and walk.scores.shape == (3,)
+    assert walk.activations[0].shape[0] == 3 and walk.layer_gradients[0].shape[0] == 3
+    assert torch.equal(walk.inputs[2], pair.inputs[0]) and torch.equal(walk.scores[2], pair.scores[0])
+    assert torch.equal(walk.layer_gradients[0][2], pair.layer_gradients[0][0])
+
+
 def test_forward_and_scores_are_chunked_consistently():
     model = classifier(dims=2)
     x = torch.randn(4, 2, 10, 10)
