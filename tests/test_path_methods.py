@@ -311,6 +311,27 @@ def test_smoothgrad_without_noise_is_its_base(base, base_options):
     assert torch.equal(squared, maps[base] ** 2)
 
 
+class _HalfSquare(torch.nn.Module):
+    """F(x) = sum(x^2) / 2 per row, so dF/dx = x: a vanilla gradient shows the point it was taken at."""
+
+    def forward(self, x):
+        return 0.5 * (x * x).flatten(1).sum(1, keepdim=True)
+
+
+def test_smoothgrad_noise_scale_is_rounded_once_as_the_references_do():
+    # sigma = float32(noise_level * (max - min)) with the product in float64 (Python floats in Captum and
+    # PAIR): a float32 noise level is one rounding more, enough to move an ill-conditioned net's map
+    x = torch.linspace(0.0, 0.37, 12).reshape(1, 1, 3, 4)  # range 0.37: 0.15 * 0.37 rounds apart
+    level, samples = 0.15, 4
+    ours = explain(_HalfSquare(), x, 0, ["smoothgrad"], {"smoothgrad": {"samples": samples, "noise_level": level}},
+                   seed=2)["smoothgrad"]
+    sigma = torch.tensor(level * float(x.max() - x.min()), dtype=torch.float32)
+    assert sigma != torch.tensor(level, dtype=torch.float32) * (x.max() - x.min())  # the case tells them apart
+    noise = _noise_draws(2, "smoothgrad", samples, x.shape[1:])
+    expected = torch.stack([x[0] + sigma * n for n in noise]).sum(0) / samples
+    assert torch.equal(ours[0], expected)
+
+
 def test_smoothgrad_seed_and_batching():
     model, x = segnet(dims=3), torch.randn(2, 2, 8, 8, 8)
     target, opts = SegmentationTarget(0), {"smoothgrad": {"samples": 5}}
