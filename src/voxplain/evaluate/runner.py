@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..methods import create_methods
 from ..layout import model_layout_only
+from ..methods import create_methods
 from ..run import open_run
 from ..targets import (BratsRegionTarget, ClassTarget, EmptyRegionError, SegmentationTarget, Target, as_target,
                        freeze_region)
