@@ -398,7 +398,6 @@ class Engine:
         tensor the model returns, or the one :attr:`output_key` selects from its tuple, list or
         dict (:func:`~voxplain.model_outputs.select_output`).
         """
-        self._remember_row(x)
         x = self.layout.arrange(x)
         if self._pads_one_row(x):
             if self._one_row_convs is None:
@@ -408,7 +407,8 @@ class Engine:
         return select_output(self.model(x), self.output_key)
 
     def _remember_row(self, x: Tensor) -> None:
-        """Keep a copy of the first row of ``x`` for layout probes of its shape (once per shape)."""
+        """Keep a copy of the first row of ``x`` for layout probes of its shape (once per shape); called
+        by every entry that walks rows, before its walk may probe."""
         if x.shape[1:] not in self._probe_rows:
             self._probe_rows[tuple(x.shape[1:])] = x[:1].detach().to(self.device, copy=True)
 
@@ -631,6 +631,7 @@ class Engine:
                 out = self._call_model(x.to(self.device))
             self._set_row_bytes(row_shape, counted[0])
             return out
+        self._remember_row(x)
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
@@ -642,6 +643,7 @@ class Engine:
         self._require_prepared()
         if self.sliding_window is not None:
             return engine_windows.scores(self, x, target, sample_index)
+        self._remember_row(x)
         outs = []
         with torch.no_grad():
             for sl in self.chunks(x.shape[0], x.shape[1:], backward=False):
