@@ -26,6 +26,7 @@ from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, gui
 from .layout import Layout
 from .memory import MemoryBudgetError, available_bytes, format_bytes
 from .model_outputs import select_output
+from .norm_folding import NormFolding
 from .sliding_window import SlidingWindow
 from .targets import BoundTarget
 
@@ -285,6 +286,9 @@ class Engine:
         sliding_window: apply the model to whole volumes window by window, as MONAI's
             ``sliding_window_inference`` does (:class:`~voxplain.sliding_window.SlidingWindow`);
             every pass then goes through it (:mod:`voxplain.engine_windows`).
+        fold_batchnorm: inside :meth:`fold_norms`, run eval-mode batch norms folded into the
+            convolution before them where nothing watches either (:mod:`voxplain.norm_folding`):
+            the same function, fewer kernels. ``False`` runs every module as it is.
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
     prepares the model, leaving restores it. The engine keeps no passes between
@@ -295,7 +299,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
                  memory_budget: int | str | None = None, progress: bool = False, output_key=None,
-                 channels_last: bool | None = None, sliding_window: SlidingWindow | None = None) -> None:
+                 channels_last: bool | None = None, sliding_window: SlidingWindow | None = None,
+                 fold_batchnorm: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -323,6 +328,9 @@ class Engine:
         self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
+        self.folding = NormFolding(model, fold_batchnorm and not self.scripted)
+        self._exact = 0  # > 0 while exact_model() is open
+        self._folding_depth = 0  # > 0 while fold_norms() is open
         self._one_row_convs: OneRowConvolutions | None = None  # made on the first one-row 3D pass
 
     # -- model preparation -------------------------------------------------
@@ -339,6 +347,7 @@ class Engine:
                     self.model.to(self.device)
                 self._share_row_bytes(state)
                 self.layout.attach()
+                self.folding.prepare([m for m, _ in state.training])
             except BaseException:
                 state.restore()
                 self._state = None
@@ -393,18 +402,49 @@ class Engine:
         """The model on rows ``x`` (already on the device): the one place the model is called.
 
         Rows go in the memory layout chosen for their shape (:class:`Layout`); the model's
-        parameters are laid out to match. One 3D row on the CPU runs its convolutions as two
+        parameters are laid out to match. Inside :meth:`fold_norms`, batch norms run folded where
+        nothing watches them. One 3D row on the CPU runs its convolutions as two
         rows where PyTorch's kernels for one are slow (:mod:`voxplain.conv_rows`). Returns the
         tensor the model returns, or the one :attr:`output_key` selects from its tuple, list or
         dict (:func:`~voxplain.model_outputs.select_output`).
         """
         x = self.layout.arrange(x)
-        if self._pads_one_row(x):
-            if self._one_row_convs is None:
-                self._one_row_convs = OneRowConvolutions()
-            with self._one_row_convs:
-                return select_output(self.model(x), self.output_key)
-        return select_output(self.model(x), self.output_key)
+        fold = self._folding_depth and not self._exact
+        with self.folding.applied() if fold else contextlib.nullcontext():
+            if self._pads_one_row(x):
+                if self._one_row_convs is None:
+                    self._one_row_convs = OneRowConvolutions()
+                with self._one_row_convs:
+                    return select_output(self.model(x), self.output_key)
+            return select_output(self.model(x), self.output_key)
+
+    @contextlib.contextmanager
+    def fold_norms(self) -> Iterator[None]:
+        """While open, passes run with eval-mode batch norms folded into the convolution before them,
+        where nothing watches either (:class:`~voxplain.norm_folding.NormFolding`; not inside
+        :meth:`exact_model`, nor with ``fold_batchnorm=False``).
+
+        The same function to float rounding, not to the bit: the run opens it for the passes at rows
+        derived from the input (path points, noisy copies, occluded copies), each of which a method
+        computes in its own walk; the passes at the input itself, which methods share, run the model
+        as it is, so a map does not depend on which other methods ran."""
+        self._folding_depth += 1
+        try:
+            yield
+        finally:
+            self._folding_depth -= 1
+
+    @contextlib.contextmanager
+    def exact_model(self) -> Iterator[None]:
+        """While open, passes run the model exactly as it came: in its own memory layout (no trial runs)
+        and with no batch norm folded. For work whose maps depend on the kernels' rounding more than
+        on their speed (see :class:`~voxplain.methods.blur_ig.BlurIG`)."""
+        self._exact += 1
+        try:
+            with self.layout.in_model_layout():
+                yield
+        finally:
+            self._exact -= 1
 
     def _remember_row(self, x: Tensor) -> None:
         """Keep a copy of the first row of ``x`` for layout probes of its shape (once per shape); called

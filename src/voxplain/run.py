@@ -16,6 +16,10 @@ passes kept between method calls:
   backprop and guided Grad-CAM);
 * the layer trace and the layers resolved from it (Grad-CAM layers).
 
+Passes at rows derived from the input (path points, noisy or occluded copies: each method's
+own) run with batch norms folded (:meth:`~voxplain.engine.Engine.fold_norms`); the shared
+passes at the input run the model as it is.
+
 What the shared plain pass holds is declared before any method runs
 (:meth:`Run.share`), so the cost and the results do not depend on the order the
 methods run in.
@@ -463,8 +467,10 @@ class Run:
                 if plain is not None:
                     self._passes[("plain", ())] = plain
             del first  # free its graph before any other pass
-        return self.engine.gradients(self.x, self.target, self.sample_index, layers=layers, guided=guided,
-                                     input_gradient=input_gradient)
+        # rows derived from the input are a method's own (see Engine.fold_norms); the input's are shared
+        with self.engine.fold_norms() if self.derived else contextlib.nullcontext():
+            return self.engine.gradients(self.x, self.target, self.sample_index, layers=layers, guided=guided,
+                                         input_gradient=input_gradient)
 
     # -- passes at other rows -------------------------------------------------------
     def gradients(self, rows: Tensor, owner: Tensor, **kwargs) -> Gradients:
@@ -473,21 +479,24 @@ class Run:
         Keyword arguments as :meth:`Engine.gradients`. Drops the kept first pass.
         """
         self.drop_first_pass()
-        return self.engine.gradients(rows, self.target, owner, **kwargs)
+        with self.engine.fold_norms():
+            return self.engine.gradients(rows, self.target, owner, **kwargs)
 
     def scores(self, rows: Tensor, owner: Tensor) -> Tensor:
         """Target scores (no gradient) at other rows. Drops the kept first pass."""
         self.drop_first_pass()
-        return self.engine.scores(rows, self.target, owner)
+        with self.engine.fold_norms():
+            return self.engine.scores(rows, self.target, owner)
 
     def forward(self, rows: Tensor) -> Tensor:
         """The model's output (no gradient) at other rows. Drops the kept first pass."""
         self.drop_first_pass()
-        return self.engine.forward(rows)
+        with self.engine.fold_norms():
+            return self.engine.forward(rows)
 
-    def in_model_layout(self) -> contextlib.AbstractContextManager[None]:
-        """While open, the passes run in the layout the model came in (see :meth:`Layout.in_model_layout`)."""
-        return self.engine.layout.in_model_layout()
+    def exact_model(self) -> contextlib.AbstractContextManager[None]:
+        """While open, the passes run the model exactly as it came (see :meth:`Engine.exact_model`)."""
+        return self.engine.exact_model()
 
     def drop_first_pass(self) -> None:
         """Free the kept first pass (its graph) if no gradient request used it yet."""

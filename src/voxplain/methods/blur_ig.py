@@ -156,11 +156,11 @@ class BlurIG(Method):
         sigmas = blur_sigmas(self.max_sigma, steps, self.sqrt)
         deltas = (sigmas[1:] - sigmas[:-1]).to(x.device, x.dtype)
         total = torch.zeros_like(x)
-        # Rows are (sample, step) pairs; each chunk blurs its own points. The passes run in the
-        # model's own layout: gradients at heavily blurred points are ill-conditioned, and oneDNN's
+        # Rows are (sample, step) pairs; each chunk blurs its own points. The passes run the model
+        # exactly as it came: gradients at heavily blurred points are ill-conditioned, and oneDNN's
         # channels-last kernels moved a 2D CNN's Blur IG map 6.4e-2 (relative) from its float64
         # value, against 5e-4 in the model's layout at any batch size.
-        with run.in_model_layout():
+        with run.exact_model():
             for chunk in run.row_chunks(steps, desc="blur_ig"):
                 step = chunk.step.cpu()
                 points, slope = gaussian_blur_and_slope(x[chunk.sample], sigmas[step], self.grad_step)
