@@ -235,3 +235,15 @@ def test_exact_model_and_global_hooks_fold_nothing():
     finally:
         handle.remove()
     assert len(seen) == 2  # the global hook saw both norms run
+
+
+def test_folding_in_channels_last():
+    torch.manual_seed(2)
+    model, x = classifier(dims=3), torch.randn(2, 2, 8, 8, 8)
+    with Engine(model, channels_last=True) as engine:
+        bound = ClassTarget(1).bind(engine.forward(x))
+        with engine.fold_norms():
+            folded = engine.gradients(x, bound, torch.arange(2)).inputs
+        plain = engine.gradients(x, bound, torch.arange(2)).inputs
+    assert folded.stride() == x.stride()  # maps come back in the input's layout
+    _assert_close(folded, plain)

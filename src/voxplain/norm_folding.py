@@ -92,17 +92,24 @@ class _Pair:
 
 
 def _fold(conv: nn.Module, norm: _BatchNorm) -> tuple[Tensor, Tensor]:
-    """``conv``'s weight and bias with ``norm`` (eval mode) folded in: computed in float64, rounded once."""
+    """``conv``'s weight and bias with ``norm`` (eval mode) folded in: computed in float64, rounded once to
+    the weight's dtype, in the weight's memory layout and on its device."""
     w = conv.weight.detach()
-    var = norm.running_var.detach().double()
-    scale = (norm.weight.detach().double() if norm.affine else torch.ones_like(var)) / torch.sqrt(var + norm.eps)
-    shift = norm.bias.detach().double() if norm.affine else torch.zeros_like(var)
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(var)
-    out_dim = 1 if isinstance(conv, tuple(_TRANSPOSED)) else 0  # transposed weights are (in, out, *kernel)
+    # float64 where the device has it (Apple's MPS has not: there, on the CPU)
+    work = torch.device("cpu") if w.device.type == "mps" else w.device
+
+    def f64(t: Tensor) -> Tensor:
+        return t.detach().to(work, torch.float64)
+
+    var = f64(norm.running_var)
+    scale = (f64(norm.weight) if norm.affine else torch.ones_like(var)) / torch.sqrt(var + norm.eps)
+    shift = f64(norm.bias) if norm.affine else torch.zeros_like(var)
+    bias = f64(conv.bias) if conv.bias is not None else torch.zeros_like(var)
+    out_dim = 1 if type(conv) in _TRANSPOSED else 0  # transposed weights are (in, out, *kernel)
     shape = [1] * w.ndim
     shape[out_dim] = -1
-    weight = (w.double() * scale.view(shape)).to(w.dtype)  # keeps the weight's memory layout
-    folded_bias = ((bias - norm.running_mean.detach().double()) * scale + shift).to(w.dtype)
+    weight = (f64(w) * scale.view(shape)).to(w.device, w.dtype)  # .to keeps the weight's memory layout
+    folded_bias = ((bias - f64(norm.running_mean)) * scale + shift).to(w.device, w.dtype)
     return weight, folded_bias
 
 
