@@ -323,8 +323,6 @@ class Engine:
         self._window_channels: dict[tuple[int, ...], int] = {}
         # a row of the input per row shape, for layout probes (see _probe)
         self._probe_rows: dict[tuple[int, ...], Tensor] = {}
-        # (row shape, backward) -> rows per pass of the walk open over such rows (see _walk)
-        self._walk_rows: dict[tuple[tuple[int, ...], bool], int] = {}
         self._window_budget_warned = False
         self._depth = 0
         self.layout = Layout(self, channels_last)
@@ -548,23 +546,12 @@ class Engine:
         with self._walk(step, row_shape, backward, len(slices)):
             yield from slices
 
-    @contextlib.contextmanager
-    def _walk(self, rows: int, row_shape: tuple[int, ...], backward: bool, n_passes: int) -> Iterator[None]:
-        """One walk of ``n_passes`` passes of ``rows`` rows: in one memory layout (:meth:`Layout.walk`,
-        probing with :meth:`_probe`), and, for gradients, with no pass of one row where the walk's
-        passes hold more (see :meth:`_gradient_pass`). A walk inside another over the same rows (a
-        pass of the outer walk chunked again) is the outer walk's."""
-        key = (row_shape, bool(backward))
-        outer = key in self._walk_rows
-        if not outer:
-            self._walk_rows[key] = rows
-        try:
-            with self.layout.walk(rows, row_shape, backward, n_passes,
-                                  lambda n: self._probe(n, row_shape, backward)):
-                yield
-        finally:
-            if not outer:
-                del self._walk_rows[key]
+    def _walk(self, rows: int, row_shape: tuple[int, ...], backward: bool,
+              n_passes: int) -> contextlib.AbstractContextManager[None]:
+        """One walk of ``n_passes`` passes of ``rows`` rows (:meth:`Layout.walk`, probing with :meth:`_probe`):
+        in one memory layout, and, for gradients, with no pass of one row where the walk's passes hold
+        more (see :meth:`_gradient_pass`)."""
+        return self.layout.walk(rows, row_shape, backward, n_passes, lambda n: self._probe(n, row_shape, backward))
 
     def _probe(self, rows: int, row_shape: tuple[int, ...], backward: bool) -> None:
         """One pass of ``rows`` rows of ``row_shape`` whose result is thrown away (a layout trial's
@@ -840,7 +827,7 @@ class Engine:
 
     def _gradient_pass(self, x: Tensor, target: BoundTarget, sample_index: Tensor,
                        layers: Sequence[nn.Module], guided: bool | str, input_gradient: bool) -> Gradients:
-        if x.shape[0] == 1 and self._walk_rows.get((tuple(x.shape[1:]), True), 1) > 1:
+        if x.shape[0] == 1 and self.layout.walk_rows(tuple(x.shape[1:]), True) > 1:
             # The one-row tail of a walk of larger passes runs as two rows (the copy's results are
             # dropped): PyTorch runs other kernels on one row, and on a 3D U-Net at SmoothGrad's noisy
             # points those moved the gradient 6x further from its float64 value than two-row passes.

@@ -121,8 +121,8 @@ class Layout:
         # while the model is laid out otherwise: each weight's tensor as it came, and the copies per format
         self._originals: dict[Tensor, Tensor] = {}
         self._copies: dict[torch.memory_format, dict[Tensor, Tensor]] = {}
-        # (row shape, backward) -> format held by the walks open for such rows (see walk)
-        self._held: dict[tuple[tuple[int, ...], bool], torch.memory_format | None] = {}
+        # (row shape, backward) -> (format held, rows per pass) of the walk open over such rows (see walk)
+        self._held: dict[tuple[tuple[int, ...], bool], tuple[torch.memory_format | None, int]] = {}
         self._forced = _UNSET  # the format of a trial's probe while it runs
         self._pinned = 0  # > 0 while in_model_layout() is open
 
@@ -161,9 +161,9 @@ class Layout:
             return None
         if self._forced is not _UNSET:
             return self._forced
-        held = self._held.get((row_shape, backward), _UNSET)
-        if held is not _UNSET:
-            return held
+        held = self._held.get((row_shape, backward))
+        if held is not None:
+            return held[0]
         if self.channels_last is None:
             return self.chosen.get(choice_key(row_shape, backward, rows))
         return self._decided(choice_key(row_shape, backward, rows))
@@ -175,19 +175,25 @@ class Layout:
         have fewer) of ``row_shape``; ``probe(rows)`` runs one pass of that size, for a trial.
 
         The layout is the one chosen for this kind of pass, decided here if it is not yet (a trial,
-        where it pays: see the module's notes). A walk opened inside another over the same rows (a
-        pass of the outer walk chunked again) runs in the outer walk's layout.
+        where it pays: see the module's notes), or the model's own under :meth:`in_model_layout`. A
+        walk opened inside another over the same rows (a pass of the outer walk chunked again) is
+        the outer walk's: its layout and its rows per pass (:meth:`walk_rows`).
         """
         held_key = (tuple(row_shape), bool(backward))
-        if self._pinned or held_key in self._held:
+        if held_key in self._held:
             yield
             return
-        key = choice_key(row_shape, backward, rows)
-        self._held[held_key] = self._decided(key, rows, n_passes, probe)
+        fmt = None if self._pinned else self._decided(choice_key(row_shape, backward, rows), rows, n_passes, probe)
+        self._held[held_key] = (fmt, rows)
         try:
             yield
         finally:
             del self._held[held_key]
+
+    def walk_rows(self, row_shape, backward: bool) -> int:
+        """Rows per pass of the walk open over rows of ``row_shape`` and that pass kind (1 if none is open)."""
+        held = self._held.get((tuple(row_shape), bool(backward)))
+        return 1 if held is None else held[1]
 
     @contextlib.contextmanager
     def in_model_layout(self) -> Iterator[None]:
