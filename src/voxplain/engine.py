@@ -446,9 +446,10 @@ class Engine:
 
     def _remember_row(self, x: Tensor) -> None:
         """Keep a copy of the first row of ``x`` for layout probes of its shape (once per shape); called
-        by every entry that walks rows, before its walk may probe."""
-        if x.shape[1:] not in self._probe_rows:
-            self._probe_rows[tuple(x.shape[1:])] = x[:1].detach().to(self.device, copy=True)
+        by every entry that walks rows, before its walk may probe. No copy where no trial can run."""
+        row_shape = tuple(x.shape[1:])
+        if row_shape not in self._probe_rows and self.layout.may_probe(row_shape):
+            self._probe_rows[row_shape] = x[:1].detach().to(self.device, copy=True)
 
     def _pads_one_row(self, x: Tensor) -> bool:
         """Whether a call on ``x`` runs one-row convolutions as two rows: one 3D row on the CPU whose

@@ -254,6 +254,14 @@ class Layout:
             return None  # no convolution weight of that rank: nothing to gain
         return fmt
 
+    def may_probe(self, row_shape) -> bool:
+        """Whether a trial may ever probe rows of ``row_shape``: the layout is measured, channels-last is a
+        candidate, and the row is not known to be too small to try."""
+        if self.channels_last is not None or self.candidate(tuple(row_shape)) is None:
+            return False
+        per_row = self.engine._row_bytes.get(tuple(row_shape))
+        return per_row is None or per_row >= _TRIAL_MIN_ROW_BYTES
+
     def _decided(self, key: Key, rows: int = 1, n_passes: int = 1,
                  probe: Callable[[int], None] | None = None) -> torch.memory_format | None:
         """The format for passes of ``key``: the one chosen, else decided now where that is cheap or pays
