@@ -86,18 +86,24 @@ def resolve_device(device: str | torch.device | None, model: nn.Module) -> torch
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available on this machine")
         return dev
-    modules = _modules_of(model)
-    for kind in ("_parameters", "_buffers"):  # the first parameter, else the first buffer
-        for m in modules:
-            for t in getattr(m, kind).values():
-                if t is not None:
-                    return t.device
-    return torch.device("cpu")
+    first_buffer = None
+    for m in _modules_of(model, stop=_has_parameter):  # the first parameter, else the first buffer
+        for t in m._parameters.values():
+            if t is not None:
+                return t.device
+        if first_buffer is None:
+            first_buffer = next((b for b in m._buffers.values() if b is not None), None)
+    return first_buffer.device if first_buffer is not None else torch.device("cpu")
 
 
-def _modules_of(model: nn.Module) -> list[nn.Module]:
+def _has_parameter(m: nn.Module) -> bool:
+    return any(t is not None for t in m._parameters.values())
+
+
+def _modules_of(model: nn.Module, stop=None) -> list[nn.Module]:
     """``list(model.modules())`` (each module once, in the same order), in one loop: this runs on
-    every explain() call, where the recursive generators of ``named_modules`` cost more than the rest."""
+    every explain() call, where the recursive generators of ``named_modules`` cost more than the rest.
+    With ``stop``, the list ends at the first module for which ``stop(module)`` is true."""
     modules: list[nn.Module] = []
     seen: set[int] = set()
     stack = [model]
@@ -107,6 +113,8 @@ def _modules_of(model: nn.Module) -> list[nn.Module]:
             continue
         seen.add(id(m))
         modules.append(m)
+        if stop is not None and stop(m):
+            break
         if m._modules:
             children = list(m._modules.values())
             children.reverse()  # the stack pops them in registration order

@@ -125,6 +125,7 @@ class Layout:
         self._held: dict[tuple[tuple[int, ...], bool], tuple[torch.memory_format | None, int]] = {}
         self._forced = _UNSET  # the format of a trial's probe while it runs
         self._pinned = 0  # > 0 while in_model_layout() is open
+        self._weight_ranks: dict[int, bool] = {}  # rank -> whether the model has floating weights of that rank
 
     @property
     def chosen(self) -> dict[Key, torch.memory_format | None]:
@@ -241,6 +242,7 @@ class Layout:
                 t.data = original
         self._originals.clear()
         self._copies.clear()
+        self._weight_ranks.clear()
         self._model_format = None
 
     # -- choosing -------------------------------------------------------------------
@@ -250,9 +252,9 @@ class Layout:
         if fmt is None or self.channels_last is False or self.engine.scripted or self.engine._state is None:
             return None
         rank = len(row_shape) + 1
-        if not any(t.ndim == rank and t.is_floating_point() for t in self.engine._state.tensors):
-            return None  # no convolution weight of that rank: nothing to gain
-        return fmt
+        if rank not in self._weight_ranks:
+            self._weight_ranks[rank] = any(t.ndim == rank and t.is_floating_point() for t in self.engine._state.tensors)
+        return fmt if self._weight_ranks[rank] else None  # no convolution weight of that rank: nothing to gain
 
     def may_probe(self, row_shape) -> bool:
         """Whether a trial may ever probe rows of ``row_shape``: the layout is measured, channels-last is a

@@ -200,7 +200,8 @@ class NormFolding:
         if not self.enabled:
             self._pairs = []
             return
-        structure = tuple((id(m), len(m._modules)) for m in modules)
+        # the modules, and their child slots (a module also placed in a second slot adds one)
+        structure = (tuple(map(id, modules)), sum(len(m._modules) for m in modules))
         try:
             known = _PAIRS.get(self.model)
         except TypeError:  # a model that cannot be weakly referenced
