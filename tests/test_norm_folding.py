@@ -247,3 +247,18 @@ def test_folding_in_channels_last():
         plain = engine.gradients(x, bound, torch.arange(2)).inputs
     assert folded.stride() == x.stride()  # maps come back in the input's layout
     _assert_close(folded, plain)
+
+
+def test_folded_weights_are_made_once_per_layout_across_engines(monkeypatch):
+    import voxplain.norm_folding as norm_folding
+
+    made = []
+    fold = norm_folding._fold
+    monkeypatch.setattr(norm_folding, "_fold", lambda conv, norm: made.append(conv) or fold(conv, norm))
+    model, x = classifier(dims=2), torch.randn(2, 2, 16, 16)
+    for channels_last in (False, True, False, True):  # each engine lays the weights out anew
+        with Engine(model, channels_last=channels_last) as engine:
+            bound = ClassTarget(0).bind(engine.forward(x))
+            with engine.fold_norms():
+                engine.gradients(x, bound, torch.arange(2))
+    assert len(made) == 4  # two pairs, in two layouts

@@ -416,7 +416,7 @@ class Engine:
         """
         x = self.layout.arrange(x)
         fold = self._folding_depth and not self._exact
-        with self.folding.applied() if fold else contextlib.nullcontext():
+        with self.folding.applied(self.layout.original) if fold else contextlib.nullcontext():
             if self._pads_one_row(x):
                 if self._one_row_convs is None:
                     self._one_row_convs = OneRowConvolutions()
@@ -444,7 +444,7 @@ class Engine:
     def exact_model(self) -> Iterator[None]:
         """While open, passes run the model exactly as it came: in its own memory layout (no trial runs)
         and with no batch norm folded. For work whose maps depend on the kernels' rounding more than
-        on their speed (see :class:`~voxplain.methods.blur_ig.BlurIG`)."""
+        on their speed (:class:`~voxplain.methods.blur_ig.BlurIG`, :class:`~voxplain.methods.guided_ig.GuidedIG`)."""
         self._exact += 1
         try:
             with self.layout.in_model_layout():

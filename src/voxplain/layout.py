@@ -235,6 +235,10 @@ class Layout:
                     t.data = copies[t]
         self._model_format = fmt
 
+    def original(self, t: Tensor) -> Tensor:
+        """Parameter or buffer ``t``'s tensor as the model came (``t`` itself unless laid out otherwise)."""
+        return self._originals.get(t, t)
+
     def forget_model_format(self) -> None:
         """The engine restored the model (its exit): put the weights as they came back, drop the copies."""
         if self._model_format is not None:

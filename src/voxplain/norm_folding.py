@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,8 @@ class _Pair:
         self.watched = [conv, norm, *between]  # modules whose hooks would see the convolution's output
         self.pending: Tensor | None = None  # the folded output the norm is to pass through
         # folded weights per layout of the convolution's weight (at most two: as it came, channels-last)
-        self._folded: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._folded: dict[tuple, tuple[tuple, tuple[Tensor, Tensor]]] = {}
+        self.current: tuple[Tensor, Tensor] | None = None  # this pass's folded weight and bias
 
     def usable(self) -> bool:
         """Whether the pair can be folded in this pass: nothing watches it and the norm is in eval mode
@@ -62,25 +63,27 @@ class _Pair:
         return (not norm.training and norm.running_mean is not None and norm.running_var is not None
                 and not any(_has_hooks(m) for m in self.watched))
 
-    def weights(self) -> tuple[Tensor, Tensor]:
-        """The folded weight and bias for the convolution's weight as it is now laid out; computed again
-        only when a tensor they come from was changed (in place or replaced) or the eps was."""
+    def prepare(self, original: Callable[[Tensor], Tensor]) -> None:
+        """Make the folded weight and bias for the convolution's weight as it is now laid out, for this
+        pass's :meth:`convolve`. ``original(t)`` is tensor ``t`` as the model came (the engine may have
+        laid a weight out otherwise for the pass): the folded weights are made again only when a tensor
+        they come from changed (in place, or replaced) or the eps did, not per engine."""
         w = self.conv.weight
         layout = (w.stride(), w.dtype, w.device)
         sources = (w, self.conv.bias, self.norm.weight, self.norm.bias, self.norm.running_mean,
                    self.norm.running_var)
         state = (self.norm.eps, self.norm.affine,
-                 tuple((t.data_ptr(), t._version) if t is not None else None for t in sources))
+                 tuple((original(t).data_ptr(), t._version) if t is not None else None for t in sources))
         cached = self._folded.get(layout)
         if cached is None or cached[0] != state:
             if cached is None and len(self._folded) >= 2:
                 self._folded.clear()
             self._folded[layout] = (state, _fold(self.conv, self.norm))
-        return self._folded[layout][1]
+        self.current = self._folded[layout][1]
 
     def convolve(self, x: Tensor) -> Tensor:
-        """The convolution followed by the norm, as one convolution."""
-        weight, bias = self.weights()
+        """The convolution followed by the norm, as one convolution (weights from :meth:`prepare`)."""
+        weight, bias = self.current
         conv = self.conv
         if isinstance(conv, _CONVS):
             return conv._conv_forward(x, weight, bias)
@@ -218,13 +221,18 @@ class NormFolding:
         return self._pairs
 
     @contextlib.contextmanager
-    def applied(self) -> Iterator[None]:
-        """While open, model calls run with every pair folded that nothing watches in this pass."""
+    def applied(self, original: Callable[[Tensor], Tensor] = lambda t: t) -> Iterator[None]:
+        """While open, model calls run with every pair folded that nothing watches in this pass.
+
+        ``original(t)``: tensor ``t`` as the model came, where the engine laid it out otherwise for
+        the pass (see :meth:`_Pair.prepare`)."""
         pairs = self.pairs()
         usable = [p for p in pairs if p.usable()] if pairs and not _global_hooks() else []
         if not usable or torch._C._get_tracing_state():
             yield
             return
+        for p in usable:
+            p.prepare(original)
         by_sequential: dict[int, list[_Pair]] = {}
         for p in usable:
             by_sequential.setdefault(id(p.sequential), []).append(p)
@@ -242,7 +250,7 @@ class NormFolding:
             for m in patched:
                 m.__dict__.pop("forward", None)
             for p in usable:
-                p.pending = None
+                p.pending = p.current = None
 
 
 def _folded_sequential(children: list[nn.Module], folded: dict[int, _Pair]):
