@@ -21,6 +21,10 @@ batch norm, or a plain ``nn.Sequential`` that starts with it (MONAI's ``Convolut
 ``ADN`` blocks). The model's modules are not changed: during a pass the ``nn.Sequential``
 runs its convolution with the folded weights, and the batch norm passes through exactly the
 tensor that folded convolution just produced (any other input it normalises as usual).
+
+The pairs and their folded weights are kept with the model (weakly: they go with it), one copy
+of each folded convolution weight per memory layout the passes use, and are made again only
+when a weight or statistic they come from changes.
 """
 
 from __future__ import annotations
