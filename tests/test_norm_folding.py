@@ -198,17 +198,17 @@ def test_a_captured_conv_layer_is_read_unfolded():
     _assert_close(folded.inputs, plain.inputs)
 
 
-def test_the_run_folds_its_derived_rows_only(monkeypatch):
-    """Path points fold; the shared passes at the input run the model as it is (a map does not depend on
-    which other methods share them)."""
+def test_explain_folds_derived_rows_only_and_only_when_asked():
+    """Opted in, path points fold; the shared passes at the input run the model as it is (a map does
+    not depend on which other methods share them). By default nothing folds."""
     x = torch.randn(1, 2, 16, 16)
     model = _sized(classifier(dims=2), x)
     ig = {"methods": ["integrated_gradients"], "options": {"integrated_gradients": {"steps": 8}}}
-    assert _norm_calls(lambda: explain(model, x, ClassTarget(1), methods=["vanilla_gradient"])) == 2
-    assert _norm_calls(lambda: explain(model, x, ClassTarget(1), **ig)) == 0  # every IG pass is at a path point
-    folded = explain(model, x, ClassTarget(1), **ig)["integrated_gradients"]
-    monkeypatch.setattr(Engine, "fold_norms", lambda self: contextlib.nullcontext())
+    fold = {"fold_batchnorm": True}
+    assert _norm_calls(lambda: explain(model, x, ClassTarget(1), methods=["vanilla_gradient"], **fold)) == 2
+    assert _norm_calls(lambda: explain(model, x, ClassTarget(1), **ig, **fold)) == 0  # every pass at a path point
     assert _norm_calls(lambda: explain(model, x, ClassTarget(1), **ig)) > 0
+    folded = explain(model, x, ClassTarget(1), **ig, **fold)["integrated_gradients"]
     _assert_close(folded, explain(model, x, ClassTarget(1), **ig)["integrated_gradients"])
 
 
@@ -240,7 +240,7 @@ def test_exact_model_and_global_hooks_fold_nothing():
 def test_folding_in_channels_last():
     torch.manual_seed(2)
     model, x = classifier(dims=3), torch.randn(2, 2, 8, 8, 8)
-    with Engine(model, channels_last=True) as engine:
+    with Engine(model, channels_last=True, fold_batchnorm=True) as engine:
         bound = ClassTarget(1).bind(engine.forward(x))
         with engine.fold_norms():
             folded = engine.gradients(x, bound, torch.arange(2)).inputs
@@ -257,7 +257,7 @@ def test_folded_weights_are_made_once_per_layout_across_engines(monkeypatch):
     monkeypatch.setattr(norm_folding, "_fold", lambda conv, norm: made.append(conv) or fold(conv, norm))
     model, x = classifier(dims=2), torch.randn(2, 2, 16, 16)
     for channels_last in (False, True, False, True):  # each engine lays the weights out anew
-        with Engine(model, channels_last=channels_last) as engine:
+        with Engine(model, channels_last=channels_last, fold_batchnorm=True) as engine:
             bound = ClassTarget(0).bind(engine.forward(x))
             with engine.fold_norms():
                 engine.gradients(x, bound, torch.arange(2))

@@ -294,9 +294,11 @@ class Engine:
         sliding_window: apply the model to whole volumes window by window, as MONAI's
             ``sliding_window_inference`` does (:class:`~voxplain.sliding_window.SlidingWindow`);
             every pass then goes through it (:mod:`voxplain.engine_windows`).
-        fold_batchnorm: inside :meth:`fold_norms`, run eval-mode batch norms folded into the
-            convolution before them where nothing watches either (:mod:`voxplain.norm_folding`):
-            the same function, fewer kernels. ``False`` runs every module as it is.
+        fold_batchnorm: opt in to running, inside :meth:`fold_norms`, eval-mode batch norms folded
+            into the convolution before them where nothing watches either
+            (:mod:`voxplain.norm_folding`): the same function with fewer kernels, but with its
+            weights rounded once more, so maps move by float32 rounding times the model's
+            condition. ``False`` (default) runs every module as it is.
 
     Use it as a context manager (``with Engine(...) as engine:``): entering
     prepares the model, leaving restores it. The engine keeps no passes between
@@ -308,7 +310,7 @@ class Engine:
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
                  memory_budget: int | str | None = None, progress: bool = False, output_key=None,
                  channels_last: bool | None = None, sliding_window: SlidingWindow | None = None,
-                 fold_batchnorm: bool = True) -> None:
+                 fold_batchnorm: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -428,7 +430,7 @@ class Engine:
     def fold_norms(self) -> Iterator[None]:
         """While open, passes run with eval-mode batch norms folded into the convolution before them,
         where nothing watches either (:class:`~voxplain.norm_folding.NormFolding`; not inside
-        :meth:`exact_model`, nor with ``fold_batchnorm=False``).
+        :meth:`exact_model`, and only on an engine made with ``fold_batchnorm=True``).
 
         The same function to float rounding, not to the bit: the run opens it for the passes at rows
         derived from the input (path points, noisy copies, occluded copies), each of which a method

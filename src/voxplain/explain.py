@@ -20,7 +20,7 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
                      options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
                      batch_size: int | None = None, memory_budget: int | str | None = None,
                      seed: int = 0, progress: bool = False, output_key=None,
-                     sliding_window=None) -> Explanation:
+                     sliding_window=None, fold_batchnorm: bool = False) -> Explanation:
     """Like :func:`explain`, but also returns timings, options, extras, the output and the target.
 
     ``Explanation.extras[method]`` is a dict for every method: IG-type methods
@@ -29,15 +29,15 @@ def explain_detailed(model: nn.Module, x, target=None, methods: Sequence[str | M
     any method may report ``"warnings"``.
     """
     return _explain(model, x, target, methods, options, device, batch_size, memory_budget, seed, progress,
-                    output_key, sliding_window, outputs=True)
+                    output_key, sliding_window, fold_batchnorm, outputs=True)
 
 
 def _explain(model, x, target, methods, options, device, batch_size, memory_budget, seed, progress, output_key,
-             sliding_window, outputs: bool) -> Explanation:
+             sliding_window, fold_batchnorm, outputs: bool) -> Explanation:
     method_objs = create_methods(methods, options)
     with open_run(model, x, target, methods=method_objs, device=device, batch_size=batch_size,
                   memory_budget=memory_budget, progress=progress, seed=seed, output_key=output_key,
-                  sliding_window=sliding_window, defer_forward=True) as run:
+                  sliding_window=sliding_window, defer_forward=True, fold_batchnorm=fold_batchnorm) as run:
         return run.explain(method_objs, outputs=outputs)
 
 
@@ -45,7 +45,7 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
             options: Mapping[str, Mapping[str, Any]] | None = None, device=None,
             batch_size: int | None = None, memory_budget: int | str | None = None,
             seed: int = 0, progress: bool = False, output_key=None,
-            sliding_window=None) -> dict[str, Tensor]:
+            sliding_window=None, fold_batchnorm: bool = False) -> dict[str, Tensor]:
     """Explain ``model``'s decision on ``x`` with several methods.
 
     Args:
@@ -74,6 +74,13 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
             score, computed one window batch at a time (memory bounded by one window
             batch, not by the volume); Grad-CAM is the per-window CAM blended with the
             windows' weights.
+        fold_batchnorm: opt in to running the passes at points derived from the input (path
+            points, noisy and occluded copies) with eval-mode batch norms folded into the
+            convolution before them: integrated gradients, SmoothGrad and occlusion run about
+            1.2-1.3x faster on BatchNorm CNNs, but the folded weights are rounded to float32
+            once more, which moves the maps by that rounding times the model's condition (on
+            an untrained 3D U-Net with random BatchNorm statistics, IG 7.5e-4 from its
+            float64 value against 1.1e-4 as the model came). Guided IG and Blur IG never fold.
 
     Returns:
         ``{method name: map}``: CPU float32 maps of the input's shape
@@ -81,7 +88,7 @@ def explain(model: nn.Module, x, target=None, methods: Sequence[str | Method] | 
     """
     # maps only: the model's output at x is not computed where no method needs it
     return _explain(model, x, target, methods, options, device, batch_size, memory_budget,
-                    seed, progress, output_key, sliding_window, outputs=False).maps
+                    seed, progress, output_key, sliding_window, fold_batchnorm, outputs=False).maps
 
 
 def gradcam_per_layer(model: nn.Module, x, target=None, layers: Sequence[str | nn.Module] | None = None,

@@ -16,9 +16,10 @@ passes kept between method calls:
   backprop and guided Grad-CAM);
 * the layer trace and the layers resolved from it (Grad-CAM layers).
 
-Passes at rows derived from the input (path points, noisy or occluded copies: each method's
-own) run with batch norms folded (:meth:`~voxplain.engine.Engine.fold_norms`); the shared
-passes at the input run the model as it is.
+Opted in (``fold_batchnorm``), passes at rows derived from the input (path points, noisy or
+occluded copies: each method's own) run with batch norms folded
+(:meth:`~voxplain.engine.Engine.fold_norms`); the shared passes at the input always run the
+model as it is.
 
 What the shared plain pass holds is declared before any method runs
 (:meth:`Run.share`), so the cost and the results do not depend on the order the
@@ -644,7 +645,7 @@ def _bind(target, output: Tensor) -> BoundTarget:
 def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | None = None, device=None,
              batch_size: int | None = None, memory_budget: int | str | None = None, progress: bool = False,
              seed: int = 0, output_key=None, sliding_window: SlidingWindow | dict | None = None,
-             defer_forward: bool = False) -> Iterator[Run]:
+             defer_forward: bool = False, fold_batchnorm: bool = False) -> Iterator[Run]:
     """Prepare ``model`` to explain ``x`` and yield the :class:`Run`; the model is restored on exit.
 
     Args:
@@ -659,13 +660,15 @@ def open_run(model: nn.Module, x, target=None, *, methods: Sequence[Method] | No
             sliding_window: as for :func:`voxplain.explain`.
         defer_forward: let the forward at ``x`` wait until something asks for the output (see
             :meth:`Run.start`): for callers that may not need it (``explain()`` returns maps only).
+        fold_batchnorm: as for :func:`voxplain.explain`.
     """
     x = check_input(x)
     window = as_sliding_window(sliding_window)
     if not (callable(target) and not isinstance(target, Target)):
         target = as_target(target)
     with Engine(model, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                progress=progress, output_key=output_key, sliding_window=window) as engine:
+                progress=progress, output_key=output_key, sliding_window=window,
+                fold_batchnorm=fold_batchnorm) as engine:
         run = Run(engine, x.to(engine.device), target, None, seed, defer_forward=defer_forward)
         try:
             if methods is not None:
