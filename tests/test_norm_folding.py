@@ -156,14 +156,18 @@ def test_folding_runs_fewer_batch_norms_and_leaves_the_model_as_it_came():
 
 
 def test_a_failing_pass_leaves_no_folding_behind():
+    folded_when_it_failed = []
+
     class Fails(nn.Module):
         def forward(self, x):
+            folded_when_it_failed.append("forward" in model.__dict__)  # the Sequential runs folded
             raise RuntimeError("boom")
 
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), Fails())
     with pytest.raises(Exception, match="boom"):
-        with Engine(model) as engine:
+        with Engine(model, batch_size=1, fold_batchnorm=True) as engine, engine.fold_norms():
             engine.forward(torch.randn(1, 2, 8, 8))
+    assert folded_when_it_failed == [True]
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
@@ -177,11 +181,12 @@ def test_hooked_modules_see_what_the_model_computes():
     handles = [conv.register_forward_hook(lambda m, i, o: seen.__setitem__("conv", o.detach())),
                bn.register_forward_pre_hook(lambda m, i: seen.__setitem__("bn_in", i[0].detach()))]
     try:
-        with Engine(model) as engine:
-            engine.forward(x)
+        with Engine(model, batch_size=2, fold_batchnorm=True) as engine, engine.fold_norms():
+            calls = _norm_calls(lambda: engine.forward(x))
     finally:
         for h in handles:
             h.remove()
+    assert calls == 1  # the hooked pair ran as it is; the other folded
     torch.testing.assert_close(seen["conv"], expected_conv)
     torch.testing.assert_close(seen["bn_in"], expected_conv)
     assert not torch.allclose(expected_bn, expected_conv)
