@@ -224,10 +224,8 @@ class NormFolding:
         self._pairs = known[1]
 
     def pairs(self) -> list[_Pair]:
-        """The model's foldable pairs."""
-        if self._pairs is None:
-            self._pairs = foldable_pairs(self.model) if self.enabled else []
-        return self._pairs
+        """The model's foldable pairs (none before :meth:`prepare`, or when not enabled)."""
+        return self._pairs or []
 
     @contextlib.contextmanager
     def applied(self, original: Callable[[Tensor], Tensor] = lambda t: t) -> Iterator[None]:

@@ -96,65 +96,65 @@ def guided_integrated_gradients(run: "Run", baseline: BaselineSpec | Tensor = "z
     attr = torch.zeros_like(x_in)
     f0: Tensor | None = None
     bar = run.engine.progress_bar(steps, "guided_ig")
-    try:
-        for step in range(steps):
-            # The model exactly as it came: which features move next is decided by ranking |gradient|,
-            # so a rounding difference can change the path (folded batch norms moved a 3D segmentation
-            # net's map 1.7e-2 from PAIR's, against 1e-3 as the model came).
-            with run.exact_model():
+    # The model exactly as it came: which features move next is decided by ranking |gradient|, so a
+    # rounding difference can change the path (folded batch norms moved a 3D segmentation net's map
+    # 1.7e-2 from PAIR's, against 1e-3 as the model came).
+    with run.exact_model():
+        try:
+            for step in range(steps):
                 grads = run.gradients(x.to(run.x.dtype).view(shape), run.sample_index)
-            grad = grads.inputs.to(torch.float64).flatten(1)
-            if f0 is None:
-                f0 = grads.scores.to(torch.float64)
-            del grads
-            alpha = (step + 1.0) / steps
-            alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
-            x_min = torch.add(x_base, diff, alpha=alpha_min)
-            x_max = torch.add(x_base, diff, alpha=alpha_max)
-            targets = [t * (1 - (step + 1) / steps) for t in l1_totals]
-            x_start = x
-            # Features whose alpha fell behind alpha_min catch up to it (x - x_min points away
-            # from the input). Later iterations of this step only move features forward, so once is enough.
-            x = torch.where(((x - x_min) * diff < 0) & live[:, None], x_min, x)
-            # |gradient| of the features still free to move; inf marks those that are not.
-            magnitude = grad.abs()
-            active = live_rows
-            # The per-row bookkeeping is in Python floats (IEEE doubles, as the tensors' float64): one
-            # value per row, where tensor operations would cost more in dispatch than in arithmetic.
-            while True:
-                currents = torch.linalg.vector_norm(x - x_in, ord=1, dim=1).tolist()
-                going = [a and not _isclose(t, c) for a, t, c in zip(active, targets, currents)]
-                if not any(going):
-                    break
-                # Move the fraction of free features with the smallest |gradient| toward x_max.
-                magnitude.masked_fill_(x == x_max, math.inf)
-                # (a row whose threshold is inf has no finite feature below it: select none of the inf ones)
-                thresholds = [min(v, _LARGEST) if g else -math.inf
-                              for v, g in zip(_kth_smallest(magnitude, kth), going)]
-                selected = magnitude <= per_row(thresholds)
-                gap = (x_max - x) * selected
-                l1_selected = torch.linalg.vector_norm(gap, ord=1, dim=1).tolist()
-                gammas = [(c - t) / max(sel, 1e-300) if sel > 0 else math.inf
-                          for c, t, sel in zip(currents, targets, l1_selected)]
-                # gamma > 1: the selected features alone cannot close the gap, so they go
-                # all the way to x_max and the next fraction is selected; else part way.
-                jumps = [g > 1.0 for g in gammas]
-                if all(jumps):
-                    moved = x_max
-                else:
-                    moved = torch.addcmul(x, gap, per_row([g if not j else 0.0 for g, j in zip(gammas, jumps)]))
-                    if any(jumps):
-                        moved = torch.where(per_row(jumps) > 0, x_max, moved)
-                x = torch.where(selected, moved, x)
-                # The reference loops forever when nothing is left to move; stop instead.
-                active = [g and j and sel > 0 for g, j, sel in zip(going, jumps, l1_selected)]
-                if not any(active):
-                    break
-            # The gradient is fixed within a step, so the step's moves add up to one product.
-            attr.addcmul_(x - x_start, grad)
-            bar.update(1)
-    finally:
-        bar.close()
+                grad = grads.inputs.to(torch.float64).flatten(1)
+                if f0 is None:
+                    f0 = grads.scores.to(torch.float64)
+                del grads
+                alpha = (step + 1.0) / steps
+                alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
+                x_min = torch.add(x_base, diff, alpha=alpha_min)
+                x_max = torch.add(x_base, diff, alpha=alpha_max)
+                targets = [t * (1 - (step + 1) / steps) for t in l1_totals]
+                x_start = x
+                # Features whose alpha fell behind alpha_min catch up to it (x - x_min points away
+                # from the input). Later iterations of this step only move features forward, so once is enough.
+                x = torch.where(((x - x_min) * diff < 0) & live[:, None], x_min, x)
+                # |gradient| of the features still free to move; inf marks those that are not.
+                magnitude = grad.abs()
+                active = live_rows
+                # The per-row bookkeeping is in Python floats (IEEE doubles, as the tensors' float64): one
+                # value per row, where tensor operations would cost more in dispatch than in arithmetic.
+                while True:
+                    currents = torch.linalg.vector_norm(x - x_in, ord=1, dim=1).tolist()
+                    going = [a and not _isclose(t, c) for a, t, c in zip(active, targets, currents)]
+                    if not any(going):
+                        break
+                    # Move the fraction of free features with the smallest |gradient| toward x_max.
+                    magnitude.masked_fill_(x == x_max, math.inf)
+                    # (a row whose threshold is inf has no finite feature below it: select none of the inf ones)
+                    thresholds = [min(v, _LARGEST) if g else -math.inf
+                                  for v, g in zip(_kth_smallest(magnitude, kth), going)]
+                    selected = magnitude <= per_row(thresholds)
+                    gap = (x_max - x) * selected
+                    l1_selected = torch.linalg.vector_norm(gap, ord=1, dim=1).tolist()
+                    gammas = [(c - t) / max(sel, 1e-300) if sel > 0 else math.inf
+                              for c, t, sel in zip(currents, targets, l1_selected)]
+                    # gamma > 1: the selected features alone cannot close the gap, so they go
+                    # all the way to x_max and the next fraction is selected; else part way.
+                    jumps = [g > 1.0 for g in gammas]
+                    if all(jumps):
+                        moved = x_max
+                    else:
+                        moved = torch.addcmul(x, gap, per_row([g if not j else 0.0 for g, j in zip(gammas, jumps)]))
+                        if any(jumps):
+                            moved = torch.where(per_row(jumps) > 0, x_max, moved)
+                    x = torch.where(selected, moved, x)
+                    # The reference loops forever when nothing is left to move; stop instead.
+                    active = [g and j and sel > 0 for g, j, sel in zip(going, jumps, l1_selected)]
+                    if not any(active):
+                        break
+                # The gradient is fixed within a step, so the step's moves add up to one product.
+                attr.addcmul_(x - x_start, grad)
+                bar.update(1)
+        finally:
+            bar.close()
     return attr.to(run.x.dtype).view(shape), f0
 
 
