@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from . import conv_rows, engine_windows
+from . import conv_rows, engine_windows, host_heap
 from .conv_rows import OneRowConvolutions
 from .hooks import GUIDABLE, GuidedReLU, HookSet, LayerCapture, guided_rule, guided_types, has_guided_activations
 from .layout import Layout
@@ -304,7 +304,9 @@ class Engine:
     prepares the model, leaving restores it. The engine keeps no passes between
     calls: every call runs the model afresh, except :meth:`backward_recorded`,
     which uses a pass its caller kept (see :class:`RecordedPass`). Every model call
-    goes through :meth:`_call_model`.
+    goes through :meth:`_call_model`. On the CPU, host memory a pass frees is kept for
+    the next while an engine is open, and given back when the last one closes
+    (:mod:`voxplain.host_heap`).
     """
 
     def __init__(self, model: nn.Module, device=None, batch_size: int | None = None,
@@ -340,6 +342,7 @@ class Engine:
         self._exact = 0  # > 0 while exact_model() is open
         self._folding_depth = 0  # > 0 while fold_norms() is open
         self._one_row_convs: OneRowConvolutions | None = None  # made on the first one-row 3D pass
+        self._heap_kept = False  # host memory freed by a pass is kept for the next (host_heap)
 
     # -- model preparation -------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -360,6 +363,7 @@ class Engine:
                 state.restore()
                 self._state = None
                 raise
+            self._heap_kept = self.device.type == "cpu" and host_heap.acquire()
         self._depth += 1
         return self
 
@@ -385,6 +389,9 @@ class Engine:
             finally:
                 self._state.restore()
                 self._state = None
+                if self._heap_kept:
+                    self._heap_kept = False
+                    host_heap.release()
 
     @contextlib.contextmanager
     def _hooks(self, layers: Sequence[nn.Module] = (), guided: bool | str = False,
