@@ -47,6 +47,8 @@ _lock = threading.Lock()
 _users = 0
 _resident_at_start: int | None = None  # resident bytes when the first user came
 _libc: ctypes.CDLL | None | bool = False  # False: not looked up yet
+_statm: tuple[int, int] | None = None  # (process id, descriptor of its /proc/self/statm)
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -68,21 +70,28 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _resident_bytes() -> int | None:
-    """This process's resident memory, or None where /proc cannot say."""
+    """This process's resident memory, or None where /proc cannot say.
+
+    Read through a descriptor kept open (per process: a forked child opens its own), since opening
+    the file costs more than the rest of an engine's entry."""
+    global _statm
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if _statm is None or _statm[0] != os.getpid():
+            _statm = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError):
         return None
 
 
 def _user_decides() -> bool:
     """True where the user's environment settles glibc's thresholds or opts out of this module."""
-    if os.environ.get(OPT_OUT, "").strip().lower() == "system":
+    environ = os.environ
+    if environ.get(OPT_OUT, "").strip().lower() == "system":
         return True
-    if any(name in os.environ for name in _USER_SETTINGS):
-        return True
-    return "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    for name in _USER_SETTINGS:
+        if name in environ:
+            return True
+    return "glibc.malloc" in environ.get("GLIBC_TUNABLES", "")
 
 
 def heap_is_kept() -> bool:
