@@ -370,7 +370,7 @@ def test_a_case_with_an_empty_region_is_skipped_and_its_sanity_checks_go_to_the_
 
 _PAGE_FAULTS = """
 import resource, sys, torch
-from voxplain.cohort.cluster import reuse_freed_memory
+from voxplain.host_heap import own_process_heap
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -379,7 +379,7 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 as_started = faults()
-changed = reuse_freed_memory()
+changed = own_process_heap()
 faults()  # the first blocks come from the heap once
 print(as_started, faults(), changed)
 """

@@ -112,3 +112,17 @@ def test_maps_are_bitwise_the_same_with_and_without_kept_memory(monkeypatch):
     system = explain(model, x, ClassTarget(1), methods=["integrated_gradients", "smoothgrad"], options=options)
     for name in kept:
         assert torch.equal(kept[name], system[name]), name
+
+
+@pytest.mark.skipif(host_heap._glibc() is None, reason="needs glibc")
+def test_a_worker_process_takes_the_thresholds_over_from_its_launchers_environment(monkeypatch):
+    monkeypatch.setattr(host_heap, "_owned", False)  # put back after the test
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as Dask's nanny starts its workers
+    with Engine(classifier()):
+        assert not host_heap.heap_is_kept()
+    assert host_heap.own_process_heap()
+    with Engine(classifier()):
+        assert host_heap.heap_is_kept()
+    monkeypatch.setenv("VOXPLAIN_HOST_HEAP", "system")  # the opt-out still stands
+    with Engine(classifier()):
+        assert not host_heap.heap_is_kept()

@@ -6,7 +6,7 @@ a time each; the machine's cores split between them as torch threads) or to the
 scheduler at ``scheduler`` (``tcp://host:8786``: ``dask scheduler`` / ``dask worker``,
 dask-jobqueue, dask-kubernetes), whose workers keep the thread count they were started
 with. Every case task first undoes the malloc setting Dask's nanny gives its workers
-(:func:`reuse_freed_memory`).
+(:func:`voxplain.host_heap.own_process_heap`).
 
 A worker loads the model once and keeps it for every case it is given
 (:func:`cached_model`): one copy per worker thread, because a run installs hooks
@@ -16,7 +16,6 @@ and switches modes on the model it explains, so two cases at once must not share
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -26,7 +25,9 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["open_cluster", "WorkerSetup", "reuse_freed_memory", "cached_model", "worker_identity", "worker_label", "usable_cores"]
+from ..host_heap import own_process_heap
+
+__all__ = ["open_cluster", "WorkerSetup", "cached_model", "worker_identity", "worker_label", "usable_cores"]
 
 #: how long to wait for an existing scheduler to answer, unless Dask's own
 #: ``distributed.comm.timeouts.connect`` (e.g. DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is set lower
@@ -45,48 +46,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-#: glibc ``mallopt`` parameters (``M_TRIM_THRESHOLD``, ``M_MMAP_THRESHOLD``) and the values a
-#: long-running glibc process reaches on its own: blocks up to 32 MiB come from the heap and
-#: are reused; only larger ones are mapped and unmapped per allocation
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
-
-
-@functools.cache
-def reuse_freed_memory() -> bool:
-    """Let glibc keep freed blocks for reuse in this process; True if it could be set.
-
-    Called by the local cluster's :class:`WorkerSetup` and at the start of every case task
-    (once per process), so that workers of an existing cluster get it too.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``. That fixes glibc's
-    thresholds at their smallest, so every tensor over 128 KiB is a fresh ``mmap`` whose
-    pages the kernel zeroes on first touch: explanation passes, which allocate and free
-    volume-sized tensors thousands of times, then run about twice as slowly as in a plain
-    process (measured: Guided IG on the demo classifier 20.1 s vs 10.9 s). The thresholds
-    are process-wide and can be changed at any time; other C libraries are unaffected.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:  # not glibc (macOS, musl): nothing Dask set here either
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-                and mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_BYTES))
-
-
 class WorkerSetup(WorkerPlugin):
     """Prepares every worker for explanation passes: memory reuse, and torch's thread count on a local cluster.
 
     Dask's nanny starts workers with ``OMP_NUM_THREADS=1`` (torch would use one core per
     worker whatever the machine has) and with a malloc setting that makes tensor-heavy
-    tasks about twice as slow (:func:`reuse_freed_memory`). ``threads=None`` leaves the
+    tasks about twice as slow (:func:`voxplain.host_heap.own_process_heap`). ``threads=None`` leaves the
     thread count as the worker was started (an existing cluster, whose owner chose it).
     """
 
@@ -97,7 +62,7 @@ class WorkerSetup(WorkerPlugin):
 
     def setup(self, worker) -> None:
         """Called by Dask on each worker as it starts (or joins)."""
-        reuse_freed_memory()
+        own_process_heap()
         if self.threads is not None:
             import torch
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cluster import cached_model, open_cluster, reuse_freed_memory, worker_identity, worker_label
+from ..host_heap import own_process_heap
+from .cluster import cached_model, open_cluster, worker_identity, worker_label
 from .explain import INPUT_ERRORS, RETRIES, CohortResult, shared_spec
 from .progress import CohortProgress, collect
 from .state import FAILURES_NAME, model_digest, one_line, write_failures
@@ -97,7 +98,7 @@ def evaluate_task(job: EvaluateJob, index: int, name: str) -> dict[str, Any]:
     from ..evaluate.runner import evaluate_case
 
     start = time.perf_counter()
-    reuse_freed_memory()
+    own_process_heap()
     try:
         model, window = _model(job)
         case = _case(job, index, name)
@@ -116,7 +117,7 @@ def randomise_task(job: EvaluateJob, index: int, name: str, scored: dict[str, An
 
     if scored.get("status") != "done":
         return {"status": "failed", "reason": scored.get("reason", "its scores failed"), "worker": scored.get("worker")}
-    reuse_freed_memory()
+    own_process_heap()
     scores = scored["scores"]
     if scores.skipped is not None:  # not explained (an empty region): no checks, the next case takes its place
         return {"status": "skipped", "reason": scores.skipped, "worker": scored.get("worker")}

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import OutputFolderError, atomic_dir, check_replaceable, claim_folder
-from .cluster import cached_model, open_cluster, reuse_freed_memory, worker_identity, worker_label
+from ..host_heap import own_process_heap
+from .cluster import cached_model, open_cluster, worker_identity, worker_label
 from .index import CaseRow, write_cohort_index
 from .progress import CohortProgress, collect
 from .state import FAILURES_NAME, case_record, fingerprint, model_digest, one_line, write_failures
@@ -138,7 +139,7 @@ def explain_task(job: ExplainJob, case_dir: str, dest: str) -> dict[str, Any]:
     from ..report.pipeline import model_grid, report_case
 
     start = time.perf_counter()
-    reuse_freed_memory()
+    own_process_heap()
     if case_record(dest, "explain", job.fingerprint) is not None:
         # an earlier attempt finished it, then its worker died before saying so
         return {"status": "done", "worker": worker_label(worker_identity()), "seconds": 0.0}
