@@ -121,6 +121,24 @@ def test_explain_classifier_writes_consistent_report(tmp_path, capsys, checkpoin
     assert not list(tmp_path.glob(".out*"))  # no temporary folder left beside it
 
 
+def test_fold_batchnorm_is_opt_in_and_recorded(tmp_path, capsys, checkpoints):
+    case = write_case(tmp_path / "data")
+    maps, settings = {}, {}
+    for flag in ((), ("--fold-batchnorm",)):
+        out = tmp_path / f"out{len(flag)}"
+        code, _, err = _run(capsys, "explain", "--model", str(checkpoints / "grade"), "--input", str(case),
+                            "--methods", "integrated_gradients", "--option", "integrated_gradients.steps=4",
+                            "--target", "1", "--out", str(out), "--quiet", *flag)
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        settings[bool(flag)] = summary["settings"]["fold_batchnorm"]
+        maps[bool(flag)] = nib.load(out / summary["studies"][0]["maps"]["b"]["integrated_gradients"]).get_fdata()
+    assert settings == {False: False, True: True}
+    # the folded convolutions round differently: the same map up to float32 rounding, not to the bit
+    assert not np.array_equal(maps[True], maps[False])
+    np.testing.assert_allclose(maps[True], maps[False], rtol=0, atol=1e-4 * np.abs(maps[False]).max())
+
+
 def test_explain_segmentation_all_regions(tmp_path, capsys, checkpoints):
     case = write_case(tmp_path / "data")
     out = tmp_path / "seg"

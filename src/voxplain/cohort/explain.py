@@ -77,6 +77,7 @@ class ExplainJob:
     spacing: Any = None
     pad_multiple: Any = None
     sliding_window: dict[str, Any] | None = None
+    fold_batchnorm: bool = False
 
 
 @dataclass
@@ -152,7 +153,7 @@ def explain_task(job: ExplainJob, case_dir: str, dest: str) -> dict[str, Any]:
         settings = dict(job.settings, cohort={"fingerprint": job.fingerprint, "worker": ident})
         with atomic_dir(dest, kind="explain") as tmp:
             report_case(tmp, loaded, case, job.task, job.target, job.methods, settings, job.options, job.device,
-                        job.seed, False, job.batch_size, job.memory_budget, job.region, grid)
+                        job.seed, False, job.batch_size, job.memory_budget, job.region, grid, job.fold_batchnorm)
     except INPUT_ERRORS as err:
         return {"status": "failed", "reason": one_line(err), "worker": worker_label(worker_identity())}
     return {"status": "done", "worker": worker_label(ident), "seconds": round(time.perf_counter() - start, 3),
@@ -177,7 +178,8 @@ def run_explain_cohort(model: str, inputs: Sequence[str], out: str | os.PathLike
                        region: str | None = None, allow_unsafe_pickle: bool = False, channels: int | None = None,
                        command: str = "", output_key=None, channels_from_4d: bool = False,
                        spacing=None, pad_multiple=None, sliding_window: dict[str, Any] | None = None,
-                       random_weights: bool = False, say: Callable[[str], None] | None = None) -> CohortResult:
+                       random_weights: bool = False, fold_batchnorm: bool = False,
+                       say: Callable[[str], None] | None = None) -> CohortResult:
     """Explain every case of a folder of cases on a Dask cluster; see the module docstring.
 
     ``workers``: start a local cluster of that many processes; ``scheduler``: use the
@@ -199,17 +201,18 @@ def run_explain_cohort(model: str, inputs: Sequence[str], out: str | os.PathLike
     key = model_digest(loaded.model, loaded.config)
     grid = model_grid(loaded.config, loaded.bundle, spacing, pad_multiple, sliding_window)  # bad settings fail here
     settings = explain_settings(model, inputs, task, target, methods, weights, options, device, seed, command,
-                                output_key, region, loaded, grid)
+                                output_key, region, loaded, grid, fold_batchnorm)
     del loaded, grid  # the workers load their own
     fp = fingerprint(key, task=task, target=target, methods=list(methods), options=options or {}, seed=seed,
                      region=region, channels=channels, channels_from_4d=channels_from_4d, output_key=output_key,
-                     model_grid=settings["model_grid"], random_weights=random_weights)
+                     model_grid=settings["model_grid"], random_weights=random_weights, fold_batchnorm=fold_batchnorm)
     job = ExplainJob(shared_spec(model), model, key, fp, task, target, tuple(methods), settings,
                      weights=None if weights is None else str(Path(weights).resolve()),
                      allow_unsafe_pickle=allow_unsafe_pickle, output_key=output_key, options=dict(options or {}),
                      device=device, seed=seed, batch_size=batch_size, memory_budget=memory_budget, region=region,
                      channels=channels, channels_from_4d=channels_from_4d, random_weights=random_weights,
-                     spacing=spacing, pad_multiple=pad_multiple, sliding_window=sliding_window)
+                     spacing=spacing, pad_multiple=pad_multiple, sliding_window=sliding_window,
+                     fold_batchnorm=fold_batchnorm)
     subs = unique_slugs([f.name for f in folders])
     todo = [i for i, sub in enumerate(subs) if case_record(out / sub, "explain", fp) is None]
     outcomes: dict[int, dict] = {}

@@ -125,7 +125,7 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
                  options: dict | None = None, device=None, seed: int = 0, progress: bool = False,
                  batch_size: int | None = None, memory_budget: str | None = None, region: str | None = None,
                  normalise: bool = True, name: str | None = None, size: Sequence[int] | None = None,
-                 centre: Sequence[float] | None = None, grid: ModelGrid | None = None
+                 centre: Sequence[float] | None = None, grid: ModelGrid | None = None, fold_batchnorm: bool = False
                  ) -> tuple[Study, ScanSpace | None]:
     """Explain one case with every method for every target; returns the study and where its maps go.
 
@@ -133,6 +133,7 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     voxels; see :mod:`voxplain.report.target_choice`); a target with an empty region
     is skipped and the study says why. All targets share one run (one first forward).
     ``grid``: what the model expects of the scan (default: from the checkpoint or bundle).
+    ``fold_batchnorm``: as for :func:`voxplain.explain`.
     """
     from ..methods import create_methods
 
@@ -142,7 +143,8 @@ def explain_case(loaded: LoadedModel, case: Case, task: str, target_spec: str | 
     explanations = {}
     with open_case(loaded, prepared.x, task, target_spec, device, region, prepared.seg, case.name,
                    methods=method_objs, seed=seed, progress=progress, batch_size=batch_size,
-                   memory_budget=memory_budget, sliding_window=grid.sliding_window) as (first, choices):
+                   memory_budget=memory_budget, sliding_window=grid.sliding_window,
+                   fold_batchnorm=fold_batchnorm) as (first, choices):
         output = first.output.cpu()
         explainable = [c for c in choices if c.target is not None]
         for i, choice in enumerate(explainable):
@@ -203,7 +205,8 @@ def check_output_folder(out: str | os.PathLike, kind: str = "explain") -> Path:
 def explain_settings(model: str, inputs: Sequence[str], task: str, target: str | None, methods: Sequence[str],
                      weights: str | None = None, options: dict | None = None, device=None, seed: int = 0,
                      command: str = "", output_key=None, region: str | None = None,
-                     loaded: LoadedModel | None = None, grid: ModelGrid | None = None) -> dict[str, Any]:
+                     loaded: LoadedModel | None = None, grid: ModelGrid | None = None,
+                     fold_batchnorm: bool = False) -> dict[str, Any]:
     """The run's settings as every case's ``summary.json`` records them (``voxplain explain``, any engine).
 
     With the ``loaded`` model and its ``grid``, also what they say beyond the command
@@ -212,7 +215,7 @@ def explain_settings(model: str, inputs: Sequence[str], task: str, target: str |
     settings = {"command": command, "model": model, "weights": weights, "inputs": [str(i) for i in inputs],
                 "task": task, "target": target, "region": region or DEFAULT_REGION if task == "segment" else None,
                 "methods": list(methods), "options": options or {}, "seed": seed,
-                "device": str(device or "model's device")}
+                "device": str(device or "model's device"), "fold_batchnorm": fold_batchnorm}
     if loaded is not None:
         settings.update(_model_settings(loaded, grid if grid is not None else model_grid(loaded.config,
                                                                                          loaded.bundle)))
@@ -225,7 +228,7 @@ def report_case(folder: str | os.PathLike, loaded: LoadedModel, case: Case, task
                 methods: Sequence[str], settings: dict[str, Any], options: dict | None = None, device=None,
                 seed: int = 0, progress: bool = False, batch_size: int | None = None,
                 memory_budget: str | None = None, region: str | None = None,
-                grid: ModelGrid | None = None) -> Study:
+                grid: ModelGrid | None = None, fold_batchnorm: bool = False) -> Study:
     """Explain one case and write its report into ``folder``; returns the study.
 
     The one per-case step of ``voxplain explain``, whether the cases run one after
@@ -233,7 +236,7 @@ def report_case(folder: str | os.PathLike, loaded: LoadedModel, case: Case, task
     ``grid``: what the model expects of the scan (default: from the checkpoint or bundle).
     """
     study, scan = explain_case(loaded, case, task, target, methods, options, device, seed, progress,
-                               batch_size, memory_budget, region, grid=grid)
+                               batch_size, memory_budget, region, grid=grid, fold_batchnorm=fold_batchnorm)
     write_report(folder, [study], settings=settings, scans={study.name: scan} if scan else None,
                  title=f"voxplain: {case.name}", alerts=model_alerts(loaded))
     return study
@@ -245,12 +248,13 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
                 memory_budget: str | None = None, region: str | None = None, allow_unsafe_pickle: bool = False,
                 channels: int | None = None, command: str = "", output_key=None,
                 channels_from_4d: bool = False, spacing=None, pad_multiple=None, sliding_window=None,
-                random_weights: bool = False) -> Path:
+                random_weights: bool = False, fold_batchnorm: bool = False) -> Path:
     """``voxplain explain``: one report folder, or one per case plus ``index.html`` for a folder of cases.
 
     ``spacing`` (mm), ``pad_multiple`` and ``sliding_window`` override what the checkpoint or
     bundle says (:func:`~voxplain.report.preparation.model_grid`); ``random_weights`` allows a
-    ``module:factory`` model without weights (the report then says so in red).
+    ``module:factory`` model without weights (the report then says so in red);
+    ``fold_batchnorm``: as for :func:`voxplain.explain` (recorded in the settings).
     The cases run one after another in this process and the whole folder appears when
     complete; :func:`voxplain.cohort.run_explain_cohort` runs them on a Dask cluster instead.
     """
@@ -264,14 +268,14 @@ def run_explain(model: str, inputs: Sequence[str], out: str | os.PathLike, task:
     grid = model_grid(loaded.config, loaded.bundle, spacing, pad_multiple, sliding_window)
     cases = load_cases(inputs, channels, channels_from_4d)
     settings = explain_settings(model, inputs, task, target, methods, weights, options, device, seed, command,
-                                output_key, region, loaded, grid)
+                                output_key, region, loaded, grid, fold_batchnorm)
     folders = unique_slugs([case.name for case in cases])
     with atomic_dir(out, kind="explain") as tmp:
         entries, rows, skipped = [], [], []
         for case, sub in zip(cases, folders):
             folder = tmp / sub if len(cases) > 1 else tmp
             study = report_case(folder, loaded, case, task, target, methods, settings, options, device, seed,
-                                progress, batch_size, memory_budget, region, grid)
+                                progress, batch_size, memory_budget, region, grid, fold_batchnorm)
             entries.append((case.name, f"{folder.relative_to(tmp).as_posix()}/report.html" if len(cases) > 1
                             else "report.html", prediction_line(study.prediction)))
             case_rows = study_rows(study)
