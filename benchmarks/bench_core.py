@@ -319,7 +319,9 @@ def bench_ig_vs_model(case: Case, repeats: int, steps: int) -> dict:
             torch.autograd.grad(score, xg)
 
         step()  # warm-up
-        per_row[bs] = statistics.median(timed(step)[0] for _ in range(repeats)) / bs
+        # one pass costs 1/steps of the IG call: time it at least FLOOR_REPEATS times, since the floor
+        # is the smallest of these medians and a single timing per size would bias it low
+        per_row[bs] = statistics.median(timed(step)[0] for _ in range(max(repeats, FLOOR_REPEATS))) / bs
     best_bs = min(per_row, key=per_row.get)
     opts = {"steps": steps, "rule": "riemann_trapezoid"}
     ig = statistics.median(timed(lambda: ours(case, "integrated_gradients", opts))[0] for _ in range(repeats))
@@ -463,6 +465,7 @@ def bench_memory(size: int, steps: int, budget: str) -> dict:
 
 SIZES = {"quick": dict(steps=16, gig_steps=16, samples=8, memory=64),
          "full": dict(steps=50, gig_steps=50, samples=25, memory=128)}
+FLOOR_REPEATS = 5  # timings of the model's own pass per batch size, at least
 IG_FLOOR_LIMIT = 0.15  # IG may cost at most this much over steps x the model's best-batch forward+backward
 
 
