@@ -5,8 +5,9 @@ Not a test: it times, checks that the maps agree, and prints tables.
 * Table 1, per model (a 2D CNN on 1x1x224x224 and a 3D U-Net with BatchNorm on
   1x4x64^3): each of the eight methods in voxplain (a single-method ``explain()``
   call, as a user makes it) and in its reference with identical options, the
-  median of a few interleaved repeats, the ratio reference/ours and the largest
-  difference between the maps relative to the reference's largest magnitude.
+  median of interleaved repeats (at least ``--repeats``; a fast method until about a
+  second per side), the ratio reference/ours and the largest difference between the
+  maps relative to the reference's largest magnitude.
   Guided IG is compared with PAIR's ``GuidedIG``. For SmoothGrad, Captum's
   ``NoiseTunnel`` is made to draw the same noise as voxplain (seed 0).
 * ``explain()`` with the seven NeuroXAI methods against the sum of seven
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -57,6 +59,9 @@ METHODS = ("vanilla_gradient", "gradient_x_input", "guided_backprop", "integrate
 FRACTION, MAX_DIST, NOISE_LEVEL = 0.25, 0.02, 0.15
 #: warm-up calls of each side before timing
 WARM_UP_CALLS = 2
+#: a method faster than this per call is timed more often than --repeats says (at most MAX_REPEATS
+#: times a side): a median of five 10 ms calls moves by 10-20% on a shared 2-core machine
+MIN_TIMED_SECONDS, MAX_REPEATS = 1.0, 40
 
 
 @dataclass
@@ -249,7 +254,8 @@ def bench_methods(case: Case, methods, repeats: int, steps: int, gig_steps: int,
     for method in methods:
         opts = method_options(method, case, steps, gig_steps, samples)
         ours_t, ref_t, ours_c, ref_c = [], [], [], []
-        for r in range(repeats):
+        r, count = 0, repeats
+        while r < count:
             # alternate who goes first, so that drifting load hits both sides alike
             order = ("ours", "ref") if r % 2 == 0 else ("ref", "ours")
             for side in order:
@@ -261,17 +267,20 @@ def bench_methods(case: Case, methods, repeats: int, steps: int, gig_steps: int,
                     t, c, ref_map = timed_both(lambda: reference(case, method, opts, rows))
                     ref_t.append(t)
                     ref_c.append(c)
+            if r == 0:  # a fast method is repeated until about MIN_TIMED_SECONDS per side were timed
+                count = max(repeats, min(MAX_REPEATS, math.ceil(MIN_TIMED_SECONDS / max(ours_t[0], ref_t[0]))))
+            r += 1
         ours_s, ref_s = statistics.median(ours_t), statistics.median(ref_t)
         cpu_ratio = statistics.median(ref_c) / statistics.median(ours_c)
         agree = agreement(case, method, opts, rows, ours_map, ref_map)
         results.append({"case": case.name, "method": method, "ours_s": ours_s, "ref_s": ref_s,
                         "ours_cpu": statistics.median(ours_c), "ref_cpu": statistics.median(ref_c),
-                        "ratio": ref_s / ours_s, "cpu_ratio": cpu_ratio, **agree,
+                        "ratio": ref_s / ours_s, "cpu_ratio": cpu_ratio, "repeats": count, **agree,
                         "reference": "PAIR GuidedIG" if method == "guided_ig" else "Captum",
                         "options": {k: (v if not isinstance(v, nn.Module) else "default layer")
                                     for k, v in opts.items()}})
         print(f"  {method:22s} ours {ours_s:8.3f} s  ref {ref_s:8.3f} s  ratio {ref_s / ours_s:5.2f}  "
-              f"(CPU {cpu_ratio:5.2f})  diff {_agreement_text(results[-1])}", flush=True)
+              f"(CPU {cpu_ratio:5.2f}, {count} repeats)  diff {_agreement_text(results[-1])}", flush=True)
     return results
 
 
