@@ -85,10 +85,15 @@ def _resident_bytes() -> int | None:
         return None
 
 
+def _opted_out() -> bool:
+    """True where ``VOXPLAIN_HOST_HEAP=system`` leaves glibc's thresholds alone."""
+    return os.environ.get(OPT_OUT, "").strip().lower() == "system"
+
+
 def _user_decides() -> bool:
     """True where the user's environment settles glibc's thresholds or opts out of this module."""
     environ = os.environ
-    if environ.get(OPT_OUT, "").strip().lower() == "system":
+    if _opted_out():
         return True
     if _owned:
         return False
@@ -110,7 +115,7 @@ def own_process_heap() -> bool:
     """
     global _owned
     libc = _glibc()
-    if libc is None or os.environ.get(OPT_OUT, "").strip().lower() == "system":
+    if libc is None or _opted_out():
         return False
     with _lock:
         _owned = True

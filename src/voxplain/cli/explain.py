@@ -112,7 +112,8 @@ def _run_on_cluster(args: argparse.Namespace, methods: list[str]) -> int:
                                 allow_unsafe_pickle=args.allow_unsafe_pickle, channels=args.channels,
                                 command=command_line(), output_key=args.output_key,
                                 channels_from_4d=args.channels_from_4d, random_weights=args.random_weights,
-                                fold_batchnorm=args.fold_batchnorm, **grid_options(args), say=None if args.quiet else lambda text: print(text, file=sys.stderr))
+                                fold_batchnorm=args.fold_batchnorm, **grid_options(args),
+                                say=None if args.quiet else lambda text: print(text, file=sys.stderr))
     return cohort_outcome(result, args.quiet)
 
 
