@@ -313,28 +313,45 @@ def bench_explain_all(case: Case, repeats: int, steps: int, gig_steps: int, samp
 
 
 def bench_ig_vs_model(case: Case, repeats: int, steps: int) -> dict:
-    """IG with ``steps`` points against ``steps`` x the model's own forward+backward at its best batch size."""
+    """IG with ``steps`` points against ``steps`` x the model's own forward+backward at its best batch size.
+
+    The best batch size is found first (the median of at least FLOOR_REPEATS passes per size); then
+    IG calls and floor calls (``steps`` rows' worth of passes at that size) alternate, at least
+    FLOOR_REPEATS times each, so that load drifting during the measurement hits both alike.
+    """
     with Engine(case.model) as engine:
         rows = engine.rows_per_pass(tuple(case.x.shape[1:]))
         chunk_rows = engine.rows_per_chunk(tuple(case.x.shape[1:]))
     sizes = sorted({1, 2, 4, 8, 16, 32, min(rows, steps)} & set(range(1, min(rows, steps) + 1)))
-    per_row = {}
-    for bs in sizes:
+
+    def model_step(bs: int):
         xb = case.x.expand(bs, *case.x.shape[1:]).clone()
 
         def step():
             xg = xb.clone().requires_grad_(True)
             score = case.ref_model(xg)[:, case.cls].sum()
             torch.autograd.grad(score, xg)
+        return step
 
+    per_row = {}
+    for bs in sizes:
+        step = model_step(bs)
         step()  # warm-up
-        # one pass costs 1/steps of the IG call: time it at least FLOOR_REPEATS times, since the floor
-        # is the smallest of these medians and a single timing per size would bias it low
         per_row[bs] = statistics.median(timed(step)[0] for _ in range(max(repeats, FLOOR_REPEATS))) / bs
     best_bs = min(per_row, key=per_row.get)
+    step, passes = model_step(best_bs), math.ceil(steps / best_bs)
     opts = {"steps": steps, "rule": "riemann_trapezoid"}
-    ig = statistics.median(timed(lambda: ours(case, "integrated_gradients", opts))[0] for _ in range(repeats))
-    floor = steps * per_row[best_bs]
+    ig_t, floor_t = [], []
+    for r in range(max(repeats, FLOOR_REPEATS)):
+        calls = [("ig", lambda: ours(case, "integrated_gradients", opts)),
+                 ("floor", lambda: [step() for _ in range(passes)])]
+        for name, call in (calls if r % 2 == 0 else calls[::-1]):
+            t = timed(call)[0]
+            if name == "ig":
+                ig_t.append(t)
+            else:
+                floor_t.append(t * steps / (passes * best_bs))  # steps rows' worth
+    ig, floor = statistics.median(ig_t), statistics.median(floor_t)
     return {"case": case.name, "ig_s": ig, "model_s": floor, "best_batch": best_bs, "engine_rows": chunk_rows,
             "overhead": ig / floor - 1.0, "per_row": per_row}
 
@@ -474,7 +491,7 @@ def bench_memory(size: int, steps: int, budget: str) -> dict:
 
 SIZES = {"quick": dict(steps=16, gig_steps=16, samples=8, memory=64),
          "full": dict(steps=50, gig_steps=50, samples=25, memory=128)}
-FLOOR_REPEATS = 5  # timings of the model's own pass per batch size, at least
+FLOOR_REPEATS = 5  # timings of the model's own pass per batch size, and of IG against the floor, at least
 IG_FLOOR_LIMIT = 0.15  # IG may cost at most this much over steps x the model's best-batch forward+backward
 
 
