@@ -62,6 +62,8 @@ WARM_UP_CALLS = 2
 #: a method faster than this per call is timed more often than --repeats says (at most MAX_REPEATS
 #: times a side): a median of five 10 ms calls moves by 10-20% on a shared 2-core machine
 MIN_TIMED_SECONDS, MAX_REPEATS = 1.0, 40
+#: timings of the model's own pass per batch size, and of IG against the floor, at least
+FLOOR_REPEATS = 5
 
 
 @dataclass
@@ -342,9 +344,9 @@ def bench_ig_vs_model(case: Case, repeats: int, steps: int) -> dict:
     step, passes = model_step(best_bs), math.ceil(steps / best_bs)
     opts = {"steps": steps, "rule": "riemann_trapezoid"}
     ig_t, floor_t = [], []
+    calls = [("ig", lambda: ours(case, "integrated_gradients", opts)),
+             ("floor", lambda: [step() for _ in range(passes)])]
     for r in range(max(repeats, FLOOR_REPEATS)):
-        calls = [("ig", lambda: ours(case, "integrated_gradients", opts)),
-                 ("floor", lambda: [step() for _ in range(passes)])]
         for name, call in (calls if r % 2 == 0 else calls[::-1]):
             t = timed(call)[0]
             if name == "ig":
@@ -491,7 +493,6 @@ def bench_memory(size: int, steps: int, budget: str) -> dict:
 
 SIZES = {"quick": dict(steps=16, gig_steps=16, samples=8, memory=64),
          "full": dict(steps=50, gig_steps=50, samples=25, memory=128)}
-FLOOR_REPEATS = 5  # timings of the model's own pass per batch size, and of IG against the floor, at least
 IG_FLOOR_LIMIT = 0.15  # IG may cost at most this much over steps x the model's best-batch forward+backward
 
 
